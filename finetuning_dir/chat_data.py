@@ -1,0 +1,68 @@
+"""The chat data contract shared by download_dataset.py and fine_tune.py.
+
+A row is ultrachat-shaped when it holds `messages`: a non-empty list of {role, content} with a
+known role and text content. This module sits in finetuning_dir so that it travels with
+fine_tune.py into the Azure ML job.
+"""
+
+import json
+import os
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatDataError(ValueError):
+    """Data that does not hold ultrachat-shaped rows; the message names where and how to fix it."""
+
+
+def messages_problem(row) -> str | None:
+    """Why `row` is not an ultrachat-shaped row, or None when it is."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not a JSON object"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "has no 'messages' list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            return f"message {i} is not a {{role, content}} object"
+        if message["role"] not in ROLES:
+            return f"message {i} has role {message['role']!r}, not one of {', '.join(ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"message {i} has content that is not text"
+    return None
+
+
+def check_rows(rows, source: str) -> int:
+    """Raise ChatDataError naming the first bad row; return the count.
+
+    `rows` yields (where, row) pairs, `where` naming the row for the message ("row 3", "line 4").
+    """
+    count = 0
+    for where, row in rows:
+        problem = messages_problem(row)
+        if problem:
+            raise ChatDataError(
+                f"{source}: {where} {problem}; each row needs 'messages': [{{'role': ..., 'content': ...}}, ...]"
+            )
+        count += 1
+    if count == 0:
+        raise ChatDataError(f"{source}: has no rows")
+    return count
+
+
+def check_jsonl_file(path: str) -> int:
+    """Check that `path` is a JSONL file of ultrachat-shaped rows; return its row count."""
+    if not os.path.isfile(path):
+        raise ChatDataError(f"{path}: no such file; run download_dataset.py first or pass the right path")
+
+    def rows():
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {number}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChatDataError(f"{path}: line {number} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+
+    return check_rows(rows(), path)

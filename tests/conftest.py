@@ -1,0 +1,100 @@
+"""Shared fixtures: an isolated environment, a tiny Phi-3 model, sample chats, a fine-tuned model.
+
+Everything is made offline here: the model from a config, the tokenizer trained locally, the
+data from local/sample_chats.py. Tools keep their state under a per-session scratch folder,
+never in `~` or the working tree.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from local import sample_chats, tiny_phi3  # noqa: E402
+from local.tiny_phi3 import TINY_TRAINING_FLAGS  # noqa: E402,F401
+
+# Settings config.py reads; tests start from the tutorial's placeholders, never a developer's .env.
+CONFIG_VARIABLES = [
+    "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_MANAGED_IDENTITY_NAME", "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
+    "TRAIN_DATA_PATH", "TEST_DATA_PATH", "AZURE_MODEL_NAME", "AZURE_ENDPOINT_NAME", "AZURE_DEPLOYMENT_NAME",
+    "AZURE_ML_API_KEY", "AZURE_ML_ENDPOINT",
+]
+
+
+
+def pytest_configure(config):
+    scratch = Path(os.environ.get("FINETUNE_PHI_TEST_SCRATCH", ROOT / ".scratch" / "tests"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(
+        FINETUNE_PHI_ENV_FILE=str(scratch / "absent.env"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(scratch / "hf"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{scratch / 'mlflow.db'}",
+        PF_HOME_DIRECTORY=str(scratch / "promptflow"),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    # Each run of the suite starts from an empty env file and store.
+    for stale in (scratch / "absent.env", scratch / "mlflow.db"):
+        stale.unlink(missing_ok=True)
+
+
+def run_script(args, cwd, env=None, timeout=600):
+    """Run a project script with the test interpreter; return the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny, untrained Phi-3 model and tokenizer folder."""
+    return tiny_phi3.build(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+@pytest.fixture(scope="session")
+def chat_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Ultrachat-shaped train (160 rows) and test (40 rows) JSONL files."""
+    folder = tmp_path_factory.mktemp("chats")
+    rows = sample_chats.make_rows(200, seed=0)
+    return write_jsonl(folder / "train.jsonl", rows[:160]), write_jsonl(folder / "test.jsonl", rows[160:])
+
+
+def fine_tune(model_dir, train, test, out, *flags, cwd=None):
+    """Run finetuning_dir/fine_tune.py as the Azure job would; return the CompletedProcess."""
+    cwd = cwd or out.parent
+    return run_script(
+        [ROOT / "finetuning_dir" / "fine_tune.py", "--model-name", model_dir, "--train-file", train,
+         "--eval-file", test, "--model_output_dir", out, "--checkpoint_dir", cwd / "checkpoints", *flags],
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="session")
+def fine_tuned_model(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
+    """An MLflow model folder written by a full fine_tune.py run on the tiny model."""
+    out = tmp_path_factory.mktemp("fine-tuned") / "model"
+    result = fine_tune(tiny_model_dir, *chat_files, out, *TINY_TRAINING_FLAGS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out

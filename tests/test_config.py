@@ -1,0 +1,116 @@
+"""config.py: the tutorial's settings, overridable from the environment and .env, never from git."""
+
+import importlib
+import sys
+
+import pytest
+
+from conftest import CONFIG_VARIABLES, ROOT, run_script
+
+TUTORIAL_DEFAULTS = {
+    "AZURE_SUBSCRIPTION_ID": "your_subscription_id",
+    "AZURE_RESOURCE_GROUP_NAME": "your_resource_group_name",
+    "AZURE_ML_WORKSPACE_NAME": "your_workspace_name",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID": "your_azure_managed_identity_client_id",
+    "AZURE_MANAGED_IDENTITY_NAME": "your_azure_managed_identity_name",
+    "TRAIN_DATA_PATH": "data/train_data.jsonl",
+    "TEST_DATA_PATH": "data/test_data.jsonl",
+    "AZURE_MODEL_NAME": "your_fine_tuned_model_name",
+    "AZURE_ENDPOINT_NAME": "your_fine_tuned_model_endpoint_name",
+    "AZURE_DEPLOYMENT_NAME": "your_fine_tuned_model_deployment_name",
+    "AZURE_ML_API_KEY": "your_fine_tuned_model_api_key",
+    "AZURE_ML_ENDPOINT": "your_fine_tuned_model_endpoint_uri",
+}
+
+
+@pytest.fixture
+def load_config(tmp_path, monkeypatch):
+    """Import config.py afresh with a given environment and .env file content."""
+    env_file = tmp_path / ".env"
+    monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(env_file))
+
+    def load(env=None, dotenv=None):
+        for name in CONFIG_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        if dotenv is not None:
+            env_file.write_text(dotenv)
+        sys.modules.pop("config", None)
+        return importlib.import_module("config")
+
+    yield load
+    sys.modules.pop("config", None)
+
+
+def test_defaults_are_the_tutorials_placeholders(load_config):
+    config = load_config()
+    for name, value in TUTORIAL_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    assert config.AZURE_MANAGED_IDENTITY_RESOURCE_ID == (
+        "/subscriptions/your_subscription_id/resourceGroups/your_resource_group_name/providers/"
+        "Microsoft.ManagedIdentity/userAssignedIdentities/your_azure_managed_identity_name"
+    )
+
+
+def test_dotenv_and_environment_override_and_environment_wins(load_config):
+    config = load_config(
+        env={"AZURE_ML_WORKSPACE_NAME": "from-env"},
+        dotenv="AZURE_SUBSCRIPTION_ID=sub-123\nAZURE_RESOURCE_GROUP_NAME=rg\nAZURE_ML_WORKSPACE_NAME=from-dotenv\n"
+        "AZURE_MANAGED_IDENTITY_NAME=uai\n",
+    )
+    assert config.AZURE_SUBSCRIPTION_ID == "sub-123"
+    assert config.AZURE_ML_WORKSPACE_NAME == "from-env"
+    assert config.AZURE_MANAGED_IDENTITY_RESOURCE_ID == (
+        "/subscriptions/sub-123/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai"
+    )
+    config.require("AZURE_SUBSCRIPTION_ID", "AZURE_ML_WORKSPACE_NAME", "AZURE_MANAGED_IDENTITY_RESOURCE_ID")
+
+
+def test_require_names_the_unfilled_setting(load_config):
+    config = load_config(env={"AZURE_SUBSCRIPTION_ID": "sub-123"})
+    with pytest.raises(SystemExit) as stop:
+        config.require("AZURE_SUBSCRIPTION_ID", "AZURE_ML_WORKSPACE_NAME")
+    assert str(stop.value) == (
+        "config: AZURE_ML_WORKSPACE_NAME is still the placeholder 'your_workspace_name'; "
+        "set it in .env (copy .env.example) or export AZURE_ML_WORKSPACE_NAME=..."
+    )
+    with pytest.raises(SystemExit) as stop:
+        config.require("AZURE_MANAGED_IDENTITY_RESOURCE_ID")
+    assert "set AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP_NAME and AZURE_MANAGED_IDENTITY_NAME" in str(stop.value)
+
+
+def test_unfilled_placeholder_stops_a_script_with_one_line(tmp_path):
+    result = run_script(["-c", "import config; config.require('AZURE_ENDPOINT_NAME'); print('went on')"], cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "config: AZURE_ENDPOINT_NAME is still the placeholder 'your_fine_tuned_model_endpoint_name'; "
+        "set it in .env (copy .env.example) or export AZURE_ENDPOINT_NAME=..."
+    ]
+
+
+def test_save_settings_writes_dotenv_and_keeps_other_lines(load_config, tmp_path):
+    config = load_config(dotenv="# mine\nAZURE_SUBSCRIPTION_ID=sub-123\nAZURE_ML_API_KEY=old\n")
+    path = config.save_settings(AZURE_ML_ENDPOINT="http://127.0.0.1:5001/score", AZURE_ML_API_KEY="k3y")
+    text = path.read_text()
+    assert "# mine\nAZURE_SUBSCRIPTION_ID=sub-123\n" in text
+    assert "AZURE_ML_API_KEY=k3y\n" in text and "old" not in text
+    assert "AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\n" in text
+    assert config.AZURE_ML_API_KEY == "k3y"
+    assert load_config().AZURE_ML_ENDPOINT == "http://127.0.0.1:5001/score"
+
+
+def test_a_new_env_file_is_readable_by_its_owner_only(load_config, tmp_path):
+    config = load_config()
+    path = config.save_settings(AZURE_ML_API_KEY="k3y")
+    assert path == tmp_path / ".env"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_no_secret_or_env_file_is_tracked():
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored
+    example = (ROOT / ".env.example").read_text()
+    for name in TUTORIAL_DEFAULTS:
+        assert name in example, name
