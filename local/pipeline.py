@@ -3,8 +3,8 @@
 Each step is the learner's own command, printed before it runs:
   1. download_dataset.py: the real ultrachat subset when the Hub answers (the tutorial's CPU
      tip, train_sft[:10]); otherwise ultrachat-shaped sample chats made on the spot.
-  2. a tiny Phi-3 model built from a config (unless --model-name names another model);
-  3. fine-tuning with finetuning_dir/fine_tune.py into outputs/models/<run>/ (an MLflow model).
+  2. setup_ml.py --local: the Azure job's fine_tune.py command, run here, on a tiny Phi-3 model
+     built from a config (unless --model-name names another) into outputs/models/<run>/model.
 
     make local            # sets up .venv first
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
@@ -15,15 +15,11 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from config import TEST_DATA_PATH, TRAIN_DATA_PATH
-from local.tiny_phi3 import TINY_TRAINING_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
-TINY_MODEL = OUTPUTS / "tiny-phi3"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
 
 
@@ -40,24 +36,9 @@ def prepare_data(split: str) -> None:
         run("Step 1c: split them", [python, "download_dataset.py", "--dataset", SAMPLE_CHATS, "--split", "train"])
 
 
-def prepare_model(model_name: str | None) -> tuple[str, list[str]]:
-    """The model to fine-tune and the training flags that suit it."""
-    if model_name:
-        return model_name, []
-    if not (TINY_MODEL / "config.json").exists():
-        run("Step 2: build a tiny Phi-3 model", [sys.executable, "-m", "local.tiny_phi3", "--out", TINY_MODEL])
-    return str(TINY_MODEL), TINY_TRAINING_FLAGS
-
-
-def fine_tune(model_name: str, flags: list[str]) -> Path:
-    run_dir = OUTPUTS / "models" / time.strftime("%Y%m%d-%H%M%S")
-    run(
-        "Step 3: fine-tune",
-        [sys.executable, "finetuning_dir/fine_tune.py", "--model-name", model_name,
-         "--train-file", TRAIN_DATA_PATH, "--eval-file", TEST_DATA_PATH,
-         "--model_output_dir", run_dir / "model", "--checkpoint_dir", run_dir / "checkpoints", *flags],
-    )
-    return run_dir / "model"
+def fine_tune(model_name: str | None) -> None:
+    command = [sys.executable, "setup_ml.py", "--local"]
+    run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
 
 
 def main(argv=None):
@@ -72,10 +53,10 @@ def main(argv=None):
 
     try:
         prepare_data(args.split)
-        model_dir = fine_tune(*prepare_model(args.model_name))
+        fine_tune(args.model_name)
     except subprocess.CalledProcessError as e:
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
-    print(f"\nDone. The fine-tuned MLflow model is in {model_dir.relative_to(ROOT)}")
+    print("\nDone. The fine-tuned MLflow model is the newest outputs/models/<run>/model")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+# Where setup_ml.py --local builds it when no --model-name is given.
+TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "outputs" / "tiny-phi3"
 # fine_tune.py flags under which the tiny model learns the sample facts in ~15 s on a CPU
 # (the tutorial's lr 5e-6 for 3 epochs barely moves it).
 TINY_TRAINING_FLAGS = ["--learning-rate", "1e-2", "--epochs", "15", "--max-length", "256", "--warmup", "0.05"]

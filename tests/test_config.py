@@ -1,7 +1,7 @@
 """config.py: the tutorial's settings, overridable from the environment and .env, never from git."""
 
 import importlib
-import sys
+import os
 
 import pytest
 
@@ -25,7 +25,9 @@ TUTORIAL_DEFAULTS = {
 
 @pytest.fixture
 def load_config(tmp_path, monkeypatch):
-    """Import config.py afresh with a given environment and .env file content."""
+    """Reload config.py (the same module object every script holds) with a given environment and .env."""
+    import config
+
     env_file = tmp_path / ".env"
     monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(env_file))
 
@@ -36,11 +38,13 @@ def load_config(tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
         if dotenv is not None:
             env_file.write_text(dotenv)
-        sys.modules.pop("config", None)
-        return importlib.import_module("config")
+        return importlib.reload(config)
 
     yield load
-    sys.modules.pop("config", None)
+    for name in CONFIG_VARIABLES:  # save_settings() exports what it writes
+        os.environ.pop(name, None)
+    monkeypatch.undo()
+    importlib.reload(config)
 
 
 def test_defaults_are_the_tutorials_placeholders(load_config):

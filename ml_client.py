@@ -1,0 +1,40 @@
+"""Connect setup_ml.py and deploy_model.py to the Azure ML workspace named in config.py.
+
+As in the tutorial, the credential is the Azure CLI's login (`az login`). Unlike the tutorial,
+unfilled settings and a missing login each stop the script with one line before any Azure call.
+"""
+
+import sys
+
+from azure.ai.ml import MLClient
+from azure.core.exceptions import ClientAuthenticationError
+from azure.identity import AzureCliCredential, CredentialUnavailableError
+
+import config
+
+WORKSPACE_SETTINGS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
+MANAGEMENT_SCOPE = "https://management.azure.com/.default"
+
+
+def check_login(credential) -> None:
+    """Ask the Azure CLI for a token now, so a missing login is one clear line, not a traceback later."""
+    try:
+        credential.get_token(MANAGEMENT_SCOPE)
+    except (CredentialUnavailableError, ClientAuthenticationError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(
+            f"Azure CLI login needed ({reason}); run `az login` (or `az login --use-device-code`) "
+            "and select the subscription in AZURE_SUBSCRIPTION_ID"
+        )
+
+
+def get_ml_client(*needed_settings: str) -> MLClient:
+    """
+    Initialize the ML Client using Azure CLI credentials.
+    """
+    config.require(*WORKSPACE_SETTINGS, *needed_settings)
+    credential = AzureCliCredential()
+    check_login(credential)
+    return MLClient(
+        credential, config.AZURE_SUBSCRIPTION_ID, config.AZURE_RESOURCE_GROUP_NAME, config.AZURE_ML_WORKSPACE_NAME
+    )

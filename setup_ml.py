@@ -1,0 +1,241 @@
+"""Step 2: fine-tune Phi-3 as an Azure ML command job (or, with --local, on this machine).
+
+By default this creates the tutorial's resources and submits its job:
+  - Environment `phi-3-training-environment`: the curated acft-hf-nlp-gpu:59 image + conda.yml;
+  - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, eastus2, Dedicated, 0..1 nodes),
+    reused when it exists;
+  - a command job running finetuning_dir/fine_tune.py on TRAIN_DATA_PATH / TEST_DATA_PATH,
+    whose `model_output` output (an MLflow model) deploy_model.py registers.
+The job name and its studio URL are printed, and the name is recorded in .env as
+AZURE_ML_JOB_NAME so that deploy_model.py finds it. Logs are streamed until the job ends.
+
+`--local` runs the very same fine_tune.py command here instead, into outputs/models/<run>/model,
+with a tiny Phi-3 model built on the spot unless --model-name names another.
+
+    python setup_ml.py                   # A100 job, logs streamed
+    python setup_ml.py --cpu             # the tutorial's CPU profile (Standard_E16s_v3)
+    python setup_ml.py -- --lora         # flags after -- go to fine_tune.py
+    python setup_ml.py --local
+"""
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from azure.ai.ml import Input, Output, PyTorchDistribution, command
+from azure.ai.ml.entities import AmlCompute, Environment
+from azure.ai.ml.exceptions import JobException
+from azure.core.exceptions import ResourceNotFoundError
+
+import config
+from ml_client import get_ml_client
+
+ROOT = Path(__file__).resolve().parent
+CONDA_FILE = ROOT / "conda.yml"
+FINETUNING_DIR = ROOT / "finetuning_dir"  # Path to the fine-tuning script
+TRAINING_ENV_NAME = "phi-3-training-environment"  # Name of the training environment
+EXPERIMENT_NAME = "finetune-phi"
+LOCAL_OUTPUTS = ROOT / "outputs"
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    instance_type: str
+    compute_name: str
+    docker_image: str
+
+
+GPU_PROFILE = ComputeProfile(
+    "Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59"
+)
+CPU_PROFILE = ComputeProfile(
+    "Standard_E16s_v3", "cpu-e16s-v3", "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest"
+)
+
+logger = logging.getLogger("setup_ml")
+
+
+def fine_tune_command(train_file: str, eval_file: str, model_output_dir: str, extra_args=()) -> list[str]:
+    """The fine_tune.py command line, the same for the Azure job and the local run."""
+    return [
+        "python", "fine_tune.py",
+        "--train-file", train_file,
+        "--eval-file", eval_file,
+        "--model_output_dir", model_output_dir,
+        *extra_args,
+    ]  # fmt: skip
+
+
+def create_or_get_environment(ml_client, docker_image):
+    """
+    Create or update the training environment in Azure ML.
+    """
+    env = Environment(
+        image=docker_image,  # Docker image for the environment
+        conda_file=str(CONDA_FILE),  # Conda environment file
+        name=TRAINING_ENV_NAME,  # Name of the environment
+    )
+    return ml_client.environments.create_or_update(env)
+
+
+def create_or_get_compute_cluster(ml_client, compute_name, instance_type, location, max_instances=1):
+    """
+    Create the compute cluster in Azure ML, or reuse it (growing max_instances if a job needs more).
+    """
+    try:
+        compute_cluster = ml_client.compute.get(compute_name)
+    except ResourceNotFoundError:
+        print(f"Creating compute cluster '{compute_name}' ({instance_type}, {location}); this takes a few minutes...")
+        compute_cluster = AmlCompute(
+            name=compute_name,
+            size=instance_type,
+            location=location,
+            tier="Dedicated",  # Tier of the compute cluster
+            min_instances=0,  # scales to zero: no cost while idle
+            max_instances=max_instances,
+        )
+        return ml_client.compute.begin_create_or_update(compute_cluster).result()
+    print(f"Compute cluster '{compute_name}' already exists. Reusing it for the current run.")
+    if (compute_cluster.max_instances or 0) < max_instances:
+        print(f"Raising its max_instances from {compute_cluster.max_instances} to {max_instances}...")
+        compute_cluster.max_instances = max_instances
+        compute_cluster = ml_client.compute.begin_create_or_update(compute_cluster).result()
+    return compute_cluster
+
+
+def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=()):
+    """
+    Set up the fine-tuning job in Azure ML.
+    """
+    # Only the user's extra flags are shell-quoted: quoting would break the ${{...}} placeholders.
+    job_command = " ".join(
+        fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}")
+        + [shlex.quote(arg) for arg in extra_args]
+    )
+    return command(
+        code=str(FINETUNING_DIR),  # Folder of fine_tune.py
+        command=job_command,
+        environment=env,  # Training environment
+        compute=compute_name,  # Compute cluster to use
+        experiment_name=EXPERIMENT_NAME,
+        display_name="fine-tune-phi-3",
+        inputs={
+            "train_file": Input(type="uri_file", path=config.TRAIN_DATA_PATH),
+            "eval_file": Input(type="uri_file", path=config.TEST_DATA_PATH),
+        },
+        # Declared as an MLflow model so registration does not depend on where MLflow puts artifacts.
+        outputs={"model_output": Output(type="mlflow_model")},
+        instance_count=instance_count,
+        # One process per node (one A100 each); each gets RANK/WORLD_SIZE, which the trainer uses.
+        distribution=PyTorchDistribution(process_count_per_instance=1) if instance_count > 1 else None,
+    )
+
+
+def check_data_files():
+    for path in (config.TRAIN_DATA_PATH, config.TEST_DATA_PATH):
+        if not os.path.isfile(path):
+            sys.exit(f"setup_ml.py: {path} not found; run `python download_dataset.py` first")
+
+
+def submit_and_stream(ml_client, job, stream=True):
+    """Submit the job, record its name in .env, and stream its logs until it ends."""
+    returned_job = ml_client.jobs.create_or_update(job)  # Submit the job
+    config.save_settings(AZURE_ML_JOB_NAME=returned_job.name)
+    print(f"Job name: {returned_job.name} (recorded in .env as AZURE_ML_JOB_NAME for deploy_model.py)")
+    print(f"Studio URL: {returned_job.studio_url}")
+    if not stream:
+        print("Not streaming (--no-stream); follow the job in the studio.")
+        return returned_job
+    try:
+        ml_client.jobs.stream(returned_job.name)  # Stream the job logs
+    except JobException as e:
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip() not in ("", "Exception :")), "")
+        sys.exit(f"setup_ml.py: job {returned_job.name} failed: {first_line}; see its logs at {returned_job.studio_url}")
+    return returned_job
+
+
+def run_on_azure(args, extra_args):
+    profile = CPU_PROFILE if args.cpu else GPU_PROFILE
+    compute_name = args.compute_name or profile.compute_name
+    instance_type = args.compute_size or profile.instance_type
+    check_data_files()
+    ml_client = get_ml_client()
+
+    env = create_or_get_environment(ml_client, profile.docker_image)
+    create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
+    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args)
+    return submit_and_stream(ml_client, job, stream=not args.no_stream)
+
+
+def run_locally(args, extra_args) -> Path:
+    """Run the job's fine_tune.py command on this machine; return the model folder."""
+    check_data_files()
+    if not args.model_name:
+        from local.tiny_phi3 import TINY_MODEL_DIR, TINY_TRAINING_FLAGS, build
+
+        if not (TINY_MODEL_DIR / "config.json").exists():
+            print(f"Building a tiny Phi-3 model in {TINY_MODEL_DIR} (pass --model-name for a real one)")
+            build(TINY_MODEL_DIR)
+        extra_args = ["--model-name", str(TINY_MODEL_DIR), *TINY_TRAINING_FLAGS, *extra_args]
+    run_dir = LOCAL_OUTPUTS / "models" / time.strftime("%Y%m%d-%H%M%S")
+    cmd = fine_tune_command(
+        os.path.abspath(config.TRAIN_DATA_PATH),
+        os.path.abspath(config.TEST_DATA_PATH),
+        str(run_dir / "model"),
+        [*extra_args, "--checkpoint_dir", str(run_dir / "checkpoints")],
+    )
+    cmd[0] = sys.executable
+    env = {**os.environ}
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{LOCAL_OUTPUTS / 'mlflow.db'}")
+    LOCAL_OUTPUTS.mkdir(exist_ok=True)
+    print(f"Running locally in {FINETUNING_DIR.name}/: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd, cwd=FINETUNING_DIR, env=env).returncode != 0:
+        sys.exit("setup_ml.py: local fine-tuning failed (see the messages above)")
+    print(f"Fine-tuned MLflow model: {run_dir / 'model'}")
+    return run_dir / "model"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="use the tutorial's CPU profile: Standard_E16s_v3 "
+                        "cluster 'cpu-e16s-v3' with the openmpi4.1.0-ubuntu20.04 image")
+    parser.add_argument("--compute-name", help="compute cluster name (default: gpu-nc24s-a100-v4, or cpu-e16s-v3 with --cpu)")
+    parser.add_argument("--compute-size", help="VM size (default: Standard_NC24ads_A100_v4, or Standard_E16s_v3 with --cpu)")
+    parser.add_argument("--location", default="eastus2", help="region of a new compute cluster (default: eastus2)")
+    parser.add_argument("--instance-count", type=int, default=1,
+                        help="nodes to train on with PyTorch distribution; the cluster's max_instances follows (default: 1)")
+    parser.add_argument("--no-stream", action="store_true", help="submit the job and return without streaming its logs")
+    parser.add_argument("--model-name", help="model to fine-tune, passed to fine_tune.py (default: "
+                        "microsoft/Phi-3.5-mini-instruct on Azure; a tiny Phi-3 built on the spot with --local)")
+    parser.add_argument("--local", action="store_true", help="run the same fine_tune.py command on this machine "
+                        "instead, into outputs/models/<run>/model (no Azure account needed)")
+    parser.add_argument("fine_tune_args", nargs=argparse.REMAINDER,
+                        help="after --: more flags for fine_tune.py, e.g. -- --lora --epochs 1")
+    args = parser.parse_args(argv)
+    extra = args.fine_tune_args[1:] if args.fine_tune_args[:1] == ["--"] else args.fine_tune_args
+    if args.model_name:
+        extra = ["--model-name", args.model_name, *extra]
+    if args.instance_count < 1:
+        parser.error("--instance-count must be at least 1")
+    return args, extra
+
+
+def main(argv=None):
+    """
+    Main function to set up and run the fine-tuning job in Azure ML.
+    """
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
+    args, extra_args = parse_args(argv)
+    if args.local:
+        return run_locally(args, extra_args)
+    return run_on_azure(args, extra_args)
+
+
+if __name__ == "__main__":
+    main()
