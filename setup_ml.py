@@ -121,7 +121,7 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=()):
     return command(
         code=str(FINETUNING_DIR),  # Folder of fine_tune.py
         command=job_command,
-        environment=env,  # Training environment
+        environment=f"azureml:{env.name}:{env.version}",  # the registered training environment
         compute=compute_name,  # Compute cluster to use
         experiment_name=EXPERIMENT_NAME,
         display_name="fine-tune-phi-3",

@@ -1,0 +1,265 @@
+"""Step 3: deploy the fine-tuned model to an Azure ML managed online endpoint (or, with --local, here).
+
+On Azure, this:
+  1. registers the job's `model_output` (an MLflow model) as AZURE_MODEL_NAME;
+  2. creates the managed online endpoint AZURE_ENDPOINT_NAME with the user-assigned identity,
+     or updates it in place when it exists (it keeps serving: nothing is deleted);
+  3. creates or updates the deployment AZURE_DEPLOYMENT_NAME on one Standard_E4s_v3;
+  4. sends it 100% of the traffic;
+  5. writes the scoring URI and primary key to .env (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY), where
+     the Prompt flow reads them.
+The job is the one setup_ml.py recorded in .env (AZURE_ML_JOB_NAME) unless --job-name names another.
+
+An endpoint costs money while it exists, even idle: `--delete --yes` removes it.
+
+`--local` serves a locally fine-tuned model (default: the newest outputs/models/<run>/model) at
+http://127.0.0.1:PORT/score with the managed endpoint's scoring contract.
+
+    python deploy_model.py
+    python deploy_model.py --job-name <name>
+    python deploy_model.py --delete --yes
+    python deploy_model.py --local
+"""
+
+import argparse
+import copy
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from azure.ai.ml.constants import AssetTypes
+from azure.ai.ml.entities import (
+    IdentityConfiguration,
+    ManagedIdentityConfiguration,
+    ManagedOnlineDeployment,
+    ManagedOnlineEndpoint,
+    Model,
+    OnlineRequestSettings,
+    ProbeSettings,
+)
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+import config
+from ml_client import get_ml_client
+
+COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
+PROGRESS_EVERY_S = 30
+# Azure's rule for online endpoint names.
+ENDPOINT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]")
+DEPLOY_SETTINGS = (
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID",
+    "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
+    "AZURE_MODEL_NAME",
+    "AZURE_ENDPOINT_NAME",
+    "AZURE_DEPLOYMENT_NAME",
+)
+
+logger = logging.getLogger("deploy_model")
+
+
+def deployment_env_vars():
+    return {
+        "SUBSCRIPTION_ID": config.AZURE_SUBSCRIPTION_ID,
+        "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
+        "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
+    }
+
+
+def wait_with_progress(poller, what: str):
+    """Wait for a long-running Azure operation, printing the elapsed time as it goes."""
+    started = time.monotonic()
+    while not poller.done():
+        poller.wait(timeout=PROGRESS_EVERY_S)
+        if not poller.done():
+            print(f"  {what}: still running after {int(time.monotonic() - started)} s...", flush=True)
+    return poller.result()
+
+
+def check_job(ml_client, job_name):
+    """Stop with one line unless the fine-tuning job exists and completed."""
+    try:
+        job = ml_client.jobs.get(job_name)
+    except ResourceNotFoundError:
+        sys.exit(f"deploy_model.py: no job named '{job_name}' in this workspace; check --job-name")
+    if job.status != "Completed":
+        sys.exit(
+            f"deploy_model.py: job {job_name} is {job.status}, not Completed; wait for it "
+            f"(or fix and re-run setup_ml.py); see {job.studio_url}"
+        )
+
+
+def register_model(ml_client, model_name, job_name):
+    """Register the job's MLflow model output."""
+    model_path = f"azureml://jobs/{job_name}/outputs/model_output"
+    print(f"Registering model {model_name} from job {job_name} at path {model_path}.")
+    run_model = Model(
+        path=model_path,
+        name=model_name,
+        description="Model created from run.",
+        type=AssetTypes.MLFLOW_MODEL,
+    )
+    model = ml_client.models.create_or_update(run_model)
+    print(f"Registered model ID: {model.id}")
+    return model
+
+
+def create_or_update_endpoint(ml_client, endpoint_name, description=""):
+    """Create the endpoint, or update it in place when it exists (it keeps serving its traffic)."""
+    endpoint = ManagedOnlineEndpoint(
+        name=endpoint_name,
+        description=description,
+        auth_mode="key",
+        identity=IdentityConfiguration(
+            type="user_assigned",
+            user_assigned_identities=[
+                ManagedIdentityConfiguration(resource_id=config.AZURE_MANAGED_IDENTITY_RESOURCE_ID)
+            ],
+        ),
+    )
+    try:
+        existing = ml_client.online_endpoints.get(name=endpoint_name)
+        endpoint.traffic = existing.traffic  # keep the live deployment serving while we update
+        print(f"Endpoint {endpoint_name} exists; updating it in place.")
+    except ResourceNotFoundError:
+        print(f"Creating endpoint {endpoint_name}; this takes a few minutes...")
+    return wait_with_progress(ml_client.online_endpoints.begin_create_or_update(endpoint), "endpoint")
+
+
+def build_deployment(endpoint_name, deployment_name, model_id, instance_type=COMPUTE_INSTANCE_TYPE):
+    """The deployment: one CPU instance, the tutorial's settings within Azure's limits."""
+    # A ~7.6 GB bf16 model takes minutes to download and load: probes start after 500 s and
+    # allow 30 misses 100 s apart, as in the tutorial.
+    probe = ProbeSettings(failure_threshold=30, success_threshold=1, period=100, initial_delay=500)
+    return ManagedOnlineDeployment(
+        name=deployment_name,
+        endpoint_name=endpoint_name,
+        model=model_id,
+        instance_type=instance_type,
+        instance_count=1,
+        environment_variables=deployment_env_vars(),
+        request_settings=OnlineRequestSettings(
+            max_concurrent_requests_per_instance=3,
+            request_timeout_ms=180000,  # Azure's maximum
+        ),
+        liveness_probe=probe,
+        readiness_probe=copy.deepcopy(probe),
+    )
+
+
+def create_or_update_deployment(ml_client, deployment):
+    """Create or update the deployment; on failure print its logs and stop."""
+    print(f"Deploying {deployment.name} to {deployment.endpoint_name} on {deployment.instance_type}; "
+          "this takes 15-30 minutes for Phi-3.5-mini...")
+    try:
+        return wait_with_progress(ml_client.online_deployments.begin_create_or_update(deployment), "deployment")
+    except HttpResponseError as e:
+        print_deployment_logs(ml_client, deployment)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"deploy_model.py: deployment {deployment.name} failed: {reason}")
+
+
+def print_deployment_logs(ml_client, deployment):
+    try:
+        logs = ml_client.online_deployments.get_logs(deployment.name, deployment.endpoint_name, lines=100)
+    except HttpResponseError as e:
+        logs = f"(its logs could not be fetched: {e})"
+    print(f"--- last lines of {deployment.name}'s logs ---\n{logs}\n---", file=sys.stderr)
+
+
+def set_traffic_to_deployment(ml_client, endpoint_name, deployment_name):
+    """Send all traffic to the deployment."""
+    endpoint = ml_client.online_endpoints.get(name=endpoint_name)
+    print(f"Current traffic allocation: {endpoint.traffic}")
+    endpoint.traffic = {deployment_name: 100}
+    updated = wait_with_progress(ml_client.online_endpoints.begin_create_or_update(endpoint), "traffic")
+    print(f"Updated traffic allocation: {updated.traffic}")
+    return updated
+
+
+def save_endpoint_settings(ml_client, endpoint_name):
+    """Write the scoring URI and primary key into .env for the Prompt flow."""
+    scoring_uri = ml_client.online_endpoints.get(name=endpoint_name).scoring_uri
+    key = ml_client.online_endpoints.get_keys(name=endpoint_name).primary_key
+    path = config.save_settings(AZURE_ML_ENDPOINT=scoring_uri, AZURE_ML_API_KEY=key)
+    print(f"Scoring URI: {scoring_uri}\nWrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {path}")
+
+
+def delete_endpoint(ml_client, endpoint_name):
+    """Delete the endpoint and its deployments: it stops costing money."""
+    try:
+        ml_client.online_endpoints.get(name=endpoint_name)
+    except ResourceNotFoundError:
+        print(f"Endpoint {endpoint_name} does not exist; nothing to delete.")
+        return
+    print(f"Deleting endpoint {endpoint_name} and its deployments...")
+    wait_with_progress(ml_client.online_endpoints.begin_delete(name=endpoint_name), "delete")
+    print(f"Deleted endpoint {endpoint_name}.")
+
+
+def check_endpoint_name(name):
+    if not ENDPOINT_NAME.fullmatch(name):
+        sys.exit(
+            f"deploy_model.py: AZURE_ENDPOINT_NAME '{name}' is not a valid endpoint name: use 3-32 letters, "
+            "digits and hyphens, starting with a letter (e.g. finetune-phi-endpoint)"
+        )
+
+
+def deploy(job_name):
+    if not job_name:
+        sys.exit("deploy_model.py: no job to deploy: run `python setup_ml.py` first (it records the job in .env) "
+                 "or pass --job-name")
+    ml_client = get_ml_client(*DEPLOY_SETTINGS)
+    check_endpoint_name(config.AZURE_ENDPOINT_NAME)
+    check_job(ml_client, job_name)
+    model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name)
+    create_or_update_endpoint(ml_client, config.AZURE_ENDPOINT_NAME, "Endpoint for finetuned Phi-3 model")
+    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, model.id)
+    create_or_update_deployment(ml_client, deployment)
+    set_traffic_to_deployment(ml_client, config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME)
+    save_endpoint_settings(ml_client, config.AZURE_ENDPOINT_NAME)
+    print(f"Done. Endpoint {config.AZURE_ENDPOINT_NAME} serves {config.AZURE_DEPLOYMENT_NAME}; it costs money "
+          "until you run `python deploy_model.py --delete --yes`.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job-name", default=None,
+                        help="fine-tuning job whose model to deploy (default: AZURE_ML_JOB_NAME, recorded by setup_ml.py)")
+    parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments")
+    parser.add_argument("--yes", action="store_true", help="confirm --delete without asking")
+    parser.add_argument("--local", action="store_true",
+                        help="serve a local model at http://127.0.0.1:PORT/score instead of deploying to Azure")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="with --local: the MLflow model folder (default: the newest outputs/models/<run>/model)")
+    parser.add_argument("--port", type=int, default=5001, help="with --local: the port to serve on (default: 5001)")
+    return parser.parse_args(argv)
+
+
+def confirm_delete(args) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        sys.exit("deploy_model.py: --delete needs --yes to confirm when not run from a terminal")
+    answer = input(f"Delete endpoint {config.AZURE_ENDPOINT_NAME} and all its deployments? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
+    args = parse_args(argv)
+    if args.local:
+        from local.endpoint import serve_local
+
+        return serve_local(args.model_dir, args.port)
+    if args.delete:
+        config.require("AZURE_ENDPOINT_NAME")
+        if confirm_delete(args):
+            delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
+        return None
+    return deploy(args.job_name or config.AZURE_ML_JOB_NAME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""deploy_model.py against mocked Azure: registration, endpoint, deployment, traffic, keys, teardown."""
+
+import copy
+import os
+
+import pytest
+from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineEndpoint
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+from azure_fakes import mocked_ml_client, poller
+from conftest import ROOT, run_script
+
+import config  # noqa: I001  (the same module object the scripts hold)
+import deploy_model
+
+IDENTITY = (
+    "/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/finetunephi-rg/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/finetunephi-managedidentity"
+)
+SETTINGS = {
+    "AZURE_SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
+    "AZURE_RESOURCE_GROUP_NAME": "finetunephi-rg",
+    "AZURE_ML_WORKSPACE_NAME": "finetunephi-workspace",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+    "AZURE_MANAGED_IDENTITY_NAME": "finetunephi-managedidentity",
+    "AZURE_MANAGED_IDENTITY_RESOURCE_ID": IDENTITY,
+    "AZURE_MODEL_NAME": "finetune-phi-model",
+    "AZURE_ENDPOINT_NAME": "finetune-phi-endpoint",
+    "AZURE_DEPLOYMENT_NAME": "finetune-phi-deployment",
+    "AZURE_ML_JOB_NAME": "shy_lamp_42",
+    "AZURE_ML_ENDPOINT": "your_fine_tuned_model_endpoint_uri",
+    "AZURE_ML_API_KEY": "your_fine_tuned_model_api_key",
+}
+SCORING_URI = "https://finetune-phi-endpoint.eastus2.inference.ml.azure.com/score"
+MODEL_ID = "azureml:/subscriptions/s/resourceGroups/finetunephi-rg/workspaces/w/models/finetune-phi-model/versions/3"
+
+
+class Live:
+    """The endpoint's state as Azure would hold it between calls."""
+
+    def __init__(self, endpoint=None):
+        self.endpoint = endpoint
+        self.bodies = []  # every endpoint PUT, as its REST body
+
+    def get(self, name):
+        if self.endpoint is None:
+            raise ResourceNotFoundError(f"endpoint {name} not found")
+        return copy.deepcopy(self.endpoint)
+
+    def put(self, endpoint):
+        self.bodies.append(copy.deepcopy(endpoint)._to_rest_online_endpoint(location="eastus2").as_dict())
+        self.endpoint = copy.deepcopy(endpoint)
+        self.endpoint._scoring_uri = SCORING_URI  # set by the service
+        return poller(self.endpoint, polls_before_done=2)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    for name, value in SETTINGS.items():
+        monkeypatch.setattr(config, name, value)
+    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    monkeypatch.setattr(deploy_model, "PROGRESS_EVERY_S", 0)
+    client = mocked_ml_client()
+    client.jobs.get.return_value = completed_job()
+    client.models.create_or_update.side_effect = lambda model: registered(model)
+    client.online_deployments.begin_create_or_update.side_effect = lambda d: poller(d, polls_before_done=3)
+    client.online_endpoints.get_keys.return_value = EndpointAuthKeys(primary_key="pk-123", secondary_key="sk-456")
+    live = Live()
+    client.online_endpoints.get.side_effect = lambda name: live.get(name)
+    client.online_endpoints.begin_create_or_update.side_effect = live.put
+    client.live = live
+    monkeypatch.setattr(deploy_model, "get_ml_client", lambda *needed: client)
+    yield client
+    for name in ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY"):  # save_settings() exported them
+        os.environ.pop(name, None)
+
+
+def completed_job(status="Completed"):
+    job = CommandJob(command="python fine_tune.py", name="shy_lamp_42")
+    job._status = status
+    return job
+
+
+def registered(model):
+    result = copy.deepcopy(model)
+    result._id = MODEL_ID  # noqa: the service assigns the id
+    return result
+
+
+def deployment_body(client) -> dict:
+    (deployment,), _ = client.online_deployments.begin_create_or_update.call_args
+    return deployment._to_rest_object(location="eastus2").as_dict()
+
+
+def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_path, capsys):
+    deploy_model.main([])
+
+    workspace.jobs.get.assert_called_once_with("shy_lamp_42")
+    (model,), _ = workspace.models.create_or_update.call_args
+    props = model._to_rest_object().as_dict()["properties"]
+    assert (props["modelUri"], props["modelType"], props["description"]) == (
+        "azureml://jobs/shy_lamp_42/outputs/model_output", "mlflow_model", "Model created from run."
+    )
+    assert model.name == "finetune-phi-model"
+
+    create, traffic = workspace.live.bodies
+    assert create["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {IDENTITY: {}}}
+    assert create["properties"]["authMode"] == "Key"
+    assert create["properties"]["traffic"] == {}
+    assert traffic["properties"]["traffic"] == {"finetune-phi-deployment": 100}
+
+    body = deployment_body(workspace)
+    assert body["sku"] == {"name": "Default", "capacity": 1}
+    props = body["properties"]
+    assert props["instanceType"] == "Standard_E4s_v3"
+    assert props["model"] == MODEL_ID
+    assert props["endpointComputeType"] == "Managed"
+    assert props["environmentVariables"] == {
+        "SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
+        "RESOURCE_GROUP_NAME": "finetunephi-rg",
+        "UAI_CLIENT_ID": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+    }
+    assert props["requestSettings"] == {"maxConcurrentRequestsPerInstance": 3, "requestTimeout": "PT3M"}
+    probe = {"failureThreshold": 30, "successThreshold": 1, "period": "PT1M40S", "initialDelay": "PT8M20S"}
+    assert props["livenessProbe"] == probe and props["readinessProbe"] == probe
+    (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
+    assert deployment.endpoint_name == "finetune-phi-endpoint" and deployment.name == "finetune-phi-deployment"
+
+    workspace.online_endpoints.begin_delete.assert_not_called()
+    env = (tmp_path / ".env").read_text()
+    assert f"AZURE_ML_ENDPOINT={SCORING_URI}\n" in env and "AZURE_ML_API_KEY=pk-123\n" in env
+    out = capsys.readouterr().out
+    assert "deployment: still running after" in out  # progress while waiting
+    assert "--delete --yes" in out  # the cost reminder
+
+
+def test_redeploy_updates_a_live_endpoint_in_place(workspace):
+    live = ManagedOnlineEndpoint(name="finetune-phi-endpoint", auth_mode="key")
+    live.traffic = {"finetune-phi-deployment": 100}
+    workspace.live.endpoint = live
+
+    deploy_model.main([])
+
+    workspace.online_endpoints.begin_delete.assert_not_called()
+    update = workspace.live.bodies[0]
+    assert update["properties"]["traffic"] == {"finetune-phi-deployment": 100}, "the live deployment keeps serving"
+    assert update["identity"]["userAssignedIdentities"] == {IDENTITY: {}}
+
+
+def test_job_name_flag_beats_the_recorded_one(workspace):
+    deploy_model.main(["--job-name", "other_job_7"])
+    workspace.jobs.get.assert_called_once_with("other_job_7")
+    (model,), _ = workspace.models.create_or_update.call_args
+    assert model.path == "azureml://jobs/other_job_7/outputs/model_output"
+
+
+def test_no_recorded_job_is_a_clear_error(workspace, monkeypatch):
+    monkeypatch.setattr(config, "AZURE_ML_JOB_NAME", "")
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert str(stop.value) == (
+        "deploy_model.py: no job to deploy: run `python setup_ml.py` first (it records the job in .env) "
+        "or pass --job-name"
+    )
+    workspace.models.create_or_update.assert_not_called()
+
+
+@pytest.mark.parametrize("status", ["Failed", "Running", "Canceled"])
+def test_unfinished_or_failed_job_stops_before_registering(workspace, status):
+    workspace.jobs.get.return_value = completed_job(status)
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert str(stop.value).startswith(f"deploy_model.py: job shy_lamp_42 is {status}, not Completed")
+    workspace.models.create_or_update.assert_not_called()
+    workspace.online_endpoints.begin_create_or_update.assert_not_called()
+
+
+def test_unknown_job_is_named(workspace):
+    workspace.jobs.get.side_effect = ResourceNotFoundError("nope")
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main(["--job-name", "typo_job"])
+    assert str(stop.value) == "deploy_model.py: no job named 'typo_job' in this workspace; check --job-name"
+
+
+def test_failed_deployment_prints_its_logs_and_exits_non_zero(workspace, tmp_path, capsys):
+    workspace.online_deployments.begin_create_or_update.side_effect = lambda d: poller(
+        error=HttpResponseError(message="ResourceNotReady: User container has crashed or terminated.")
+    )
+    workspace.online_deployments.get_logs.return_value = "Traceback ... torch.OutOfMemoryError"
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert str(stop.value) == (
+        "deploy_model.py: deployment finetune-phi-deployment failed: "
+        "ResourceNotReady: User container has crashed or terminated."
+    )
+    workspace.online_deployments.get_logs.assert_called_once_with(
+        "finetune-phi-deployment", "finetune-phi-endpoint", lines=100
+    )
+    assert "torch.OutOfMemoryError" in capsys.readouterr().err
+    assert len(workspace.live.bodies) == 1, "no traffic is routed to a failed deployment"
+    assert not (tmp_path / ".env").exists()
+
+
+def test_invalid_endpoint_name_is_caught_before_azure(workspace, monkeypatch):
+    monkeypatch.setattr(config, "AZURE_ENDPOINT_NAME", "finetune-phi-endpoint-for-my-team-2026")
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert "is not a valid endpoint name: use 3-32 letters, digits and hyphens" in str(stop.value)
+    workspace.jobs.get.assert_not_called()
+
+
+def test_delete_with_yes_removes_the_endpoint(workspace, capsys):
+    workspace.live.endpoint = ManagedOnlineEndpoint(name="finetune-phi-endpoint")
+    workspace.online_endpoints.begin_delete.return_value = poller(None)
+    deploy_model.main(["--delete", "--yes"])
+    workspace.online_endpoints.begin_delete.assert_called_once_with(name="finetune-phi-endpoint")
+    assert "Deleted endpoint finetune-phi-endpoint." in capsys.readouterr().out
+
+
+def test_delete_needs_confirmation_without_a_terminal(workspace, monkeypatch):
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main(["--delete"])
+    assert "--delete needs --yes" in str(stop.value)
+    workspace.online_endpoints.begin_delete.assert_not_called()
+
+
+def test_delete_of_a_missing_endpoint_is_a_no_op(workspace, capsys):
+    deploy_model.main(["--delete", "--yes"])
+    workspace.online_endpoints.begin_delete.assert_not_called()
+    assert "does not exist; nothing to delete" in capsys.readouterr().out
+
+
+def test_unfilled_placeholder_stops_the_script(tmp_path):
+    result = run_script([ROOT / "deploy_model.py", "--job-name", "j"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "config: AZURE_SUBSCRIPTION_ID is still the placeholder 'your_subscription_id'; "
+        "set it in .env (copy .env.example) or export AZURE_SUBSCRIPTION_ID=..."
+    ]
+
+
+def test_deploy_needs_identity_and_names_filled(monkeypatch):
+    import ml_client
+
+    for name, value in SETTINGS.items():
+        monkeypatch.setattr(config, name, value)
+    monkeypatch.setattr(config, "AZURE_DEPLOYMENT_NAME", "your_fine_tuned_model_deployment_name")
+    monkeypatch.setattr(ml_client, "AzureCliCredential", lambda: pytest.fail("no Azure call before settings"))
+    monkeypatch.setattr(deploy_model, "get_ml_client", ml_client.get_ml_client)
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert str(stop.value).startswith("config: AZURE_DEPLOYMENT_NAME is still the placeholder")
+
+
+def test_help_explains_every_flag():
+    result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
+    assert result.returncode == 0
+    for flag in ("--job-name", "--delete", "--yes", "--local", "--model-dir", "--port"):
+        assert flag in result.stdout, flag
+
+
+def test_mocks_reject_what_the_sdk_would():
+    # The fakes are strict: a method or argument azure-ai-ml does not have fails here too.
+    client = mocked_ml_client()
+    with pytest.raises(AttributeError):
+        client.online_endpoints.delete  # noqa: B018  (only begin_delete exists)
+    with pytest.raises(TypeError):
+        client.online_deployments.get_logs("d", "e", lines=10, colour=True)
