@@ -236,6 +236,8 @@ def train_and_evaluate_model(args, train_dataset, test_dataset, model, tokenizer
         callbacks=[LogMetricsToMlflow()],
     )
 
+    if is_main_process():
+        logger.info("Training on %d process(es), device %s", trainer.args.world_size, trainer.args.device)
     train_result = trainer.train()
     trainer.log_metrics("train", train_result.metrics)
 

@@ -8,7 +8,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_TRAINING_FLAGS, fine_tune, write_jsonl
+from conftest import ROOT, TINY_TRAINING_FLAGS, fine_tune, run_script, write_jsonl
 
 QUESTION = "Who founded Microsoft?"
 
@@ -149,3 +149,20 @@ def test_unreachable_hub_model_gives_one_line(tmp_path, chat_files):
     assert "could not load model 'microsoft/Phi-3.5-mini-instruct'" in result.stderr
     assert "pass --model-name with a local model folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_runs_distributed_under_torchrun(tmp_path, tiny_model_dir, chat_files):
+    # setup_ml.py --instance-count N starts one process per node with RANK/WORLD_SIZE set, as torchrun does.
+    out = tmp_path / "model"
+    script = ROOT / "finetuning_dir" / "fine_tune.py"
+    result = run_script(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", script, "--model-name", tiny_model_dir,
+         "--train-file", chat_files[0], "--eval-file", chat_files[1], "--model_output_dir", out,
+         "--checkpoint_dir", tmp_path / "checkpoints", "--max-steps", "3", "--max-length", "256"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training on 2 process(es)" in result.stdout
+    assert result.stdout.count("Saved the fine-tuned MLflow model") == 1, "only rank 0 saves"
+    assert (out / "MLmodel").is_file()
+    run_metrics(str(out))  # exactly one MLflow run holds it
