@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The local endpoint's server, azmlinfsrv, pins packages .venv cannot share: it gets its own
+# virtualenv, which then sees .venv's packages (mlflow, transformers, torch) after its own.
+SERVER_VENV := .venv-azmlinfsrv
 
 .PHONY: local test setup clean
 
@@ -13,12 +16,21 @@ local: setup
 test: setup
 	$(PY) -m pytest
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(SERVER_VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(SERVER_VENV)/.installed: requirements-azmlinfsrv.txt $(VENV)/.installed
+	test -x $(SERVER_VENV)/bin/python || $(PYTHON) -m venv $(SERVER_VENV)
+	rm -f $(SERVER_VENV)/lib/python*/site-packages/finetune_phi_main_venv.pth
+	$(SERVER_VENV)/bin/python -m pip install --quiet -r requirements-azmlinfsrv.txt
+	$(SERVER_VENV)/bin/python -m pip check
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	  "$$($(SERVER_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finetune_phi_main_venv.pth"
 	touch $@
 
 # Remove what runs wrote (data, models, MLflow store, scratch); keeps .venv and .env.

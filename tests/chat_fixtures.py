@@ -1,0 +1,240 @@
+"""Fixtures for the chat tests: the local endpoint, `pf`, and stand-in servers, all on 127.0.0.1.
+
+Every server runs as the learner would start it (a subprocess of the project's own command) on a
+free port, in its own process group, and is stopped, with its children, when its fixture ends.
+Prompt flow's home is a quiet project-local folder (local/pf_home.py): no telemetry, no trace
+service, nothing left running.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT
+from local import pf_home
+
+PF = Path(sys.executable).with_name("pf")
+QUESTION = "Who founded Microsoft?"
+ANSWER = "Microsoft was founded by Bill Gates and Paul Allen in 1975."
+SCRATCH = Path(os.environ.get("FINETUNE_PHI_TEST_SCRATCH", ROOT / ".scratch" / "tests"))
+ARTIFACTS = SCRATCH / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+class Server:
+    """A server subprocess in its own process group, with its output kept in a log file."""
+
+    def __init__(self, command, env, log: Path, liveness_url: str):
+        self.log = log
+        self.liveness_url = liveness_url
+        self.process = subprocess.Popen(
+            [str(c) for c in command], cwd=ROOT, env={**os.environ, **env},
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_until_live(self, timeout=180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if requests.get(self.liveness_url, timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not live after {timeout} s:\n{self.output()[-4000:]}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        """Stop the command the learner would stop (Ctrl-C or SIGTERM), then whatever is left."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # anything left in the group (the command's own children) goes too
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        return self.process.returncode
+
+
+class Endpoint(Server):
+    """The local endpoint: `python deploy_model.py --local` (or python -m local.endpoint --server ...)."""
+
+    def __init__(self, model_dir: Path, workdir: Path, server: str = "auto", key: str | None = None):
+        self.port = free_port()
+        self.env_file = workdir / ".env"
+        self.url = f"http://127.0.0.1:{self.port}/score"
+        env = {"FINETUNE_PHI_ENV_FILE": str(self.env_file)}
+        if key:
+            env["AZURE_ML_API_KEY"] = key
+        if server == "auto":  # the learner's command
+            command = [sys.executable, "deploy_model.py", "--local", "--model-dir", model_dir, "--port", self.port]
+        else:
+            command = [sys.executable, "-m", "local.endpoint", "--server", server,
+                       "--model-dir", model_dir, "--port", self.port]
+        super().__init__(command, env, workdir / f"endpoint-{server}.log", f"http://127.0.0.1:{self.port}/")
+
+    def settings(self) -> dict:
+        """What the endpoint wrote to its .env file."""
+        lines = self.env_file.read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+    @property
+    def key(self) -> str:
+        return self.settings()["AZURE_ML_API_KEY"]
+
+    def post(self, body, key: str | None = "default", **kwargs) -> requests.Response:
+        headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
+        if isinstance(body, (dict, list)):
+            return requests.post(self.url, json=body, headers=headers, timeout=120, **kwargs)
+        return requests.post(self.url, data=body, headers=headers, timeout=120, **kwargs)
+
+
+class FlowServer(Server):
+    """`pf flow serve --source ./ --port P --host localhost --engine fastapi`, the README's command."""
+
+    def __init__(self, env: dict, log: Path, engine: str | None = "fastapi"):
+        self.port = free_port()
+        self.base_url = f"http://localhost:{self.port}"
+        command = [PF, "flow", "serve", "--source", "./", "--port", self.port, "--host", "localhost"]
+        if engine:
+            command += ["--engine", engine]
+        super().__init__(command, env, log, self.base_url + "/health")
+
+    def ask(self, question: str, chat_history=None) -> requests.Response:
+        body = {"input_data": question}
+        if chat_history is not None:
+            body["chat_history"] = chat_history
+        return requests.post(self.base_url + "/score", json=body, timeout=300)
+
+
+def pf_flow_test(env: dict, *inputs: str, timeout=300) -> tuple[subprocess.CompletedProcess, float]:
+    """`pf flow test --flow . [--inputs ...]`; the result and how long it took."""
+    command = [str(PF), "flow", "test", "--flow", "."]
+    if inputs:
+        command += ["--inputs", *inputs]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=timeout)
+    return result, time.monotonic() - started
+
+
+def flow_answer(result: subprocess.CompletedProcess) -> str:
+    """The `answer` output `pf flow test` printed as JSON at the end of its output."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    return json.loads(out[out.rindex("{"):])["answer"]
+
+
+def chat_turn(question: str, answer: str) -> dict:
+    """One earlier turn, as the chat page sends it in chat_history."""
+    return {"inputs": {"input_data": question}, "outputs": {"answer": answer}}
+
+
+class StandIn:
+    """A stand-in endpoint on 127.0.0.1 that answers from a script and records what it got."""
+
+    def __init__(self, replies):
+        """replies: (status, body, headers) tuples, one per request (the last repeats), or "hang"."""
+        self.replies = list(replies)
+        self.requests = []
+        self.release = threading.Event()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                stand_in.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": json.loads(self.rfile.read(length))}
+                )
+                reply = stand_in.replies[min(len(stand_in.requests), len(stand_in.replies)) - 1]
+                if reply == "hang":
+                    stand_in.release.wait(60)  # bounded: the test's own teardown releases it sooner
+                    return
+                status, body, headers = reply
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def quiet_pf_home() -> dict:
+    """Prompt flow's home for the tests (conftest's PF_HOME_DIRECTORY), set up to stay quiet."""
+    return pf_home.prepare(Path(os.environ["PF_HOME_DIRECTORY"]))
+
+
+@pytest.fixture(scope="session")
+def endpoint(fine_tuned_model, tmp_path_factory):
+    """The learner's `python deploy_model.py --local` on the fine-tuned tiny model (azmlinfsrv)."""
+    server = Endpoint(fine_tuned_model, tmp_path_factory.mktemp("endpoint"))
+    yield server.wait_until_live()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def flow_server(endpoint, quiet_pf_home, tmp_path_factory):
+    """`pf flow serve` in front of the endpoint; it finds the endpoint through the endpoint's .env."""
+    server = FlowServer({**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file)},
+                        tmp_path_factory.mktemp("flow-serve") / "pf-serve.log")
+    yield server.wait_until_live(timeout=120)
+    server.stop()
+
+
+@pytest.fixture
+def stand_in():
+    """Make stand-in endpoints; all are closed at the end of the test."""
+    made = []
+
+    def make(*replies):
+        made.append(StandIn(replies))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
