@@ -1,0 +1,113 @@
+"""The benchmark scripts run on a tiny configuration and print sane figures.
+
+No timing threshold is asserted here (benchmarks are not timed tests): only that each script
+runs, prints its configuration and its figures, and that the figures are consistent.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+
+BENCH = ROOT / "benchmarks"
+
+
+def results(stdout: str) -> dict:
+    """The RESULT <name> <json> lines a benchmark prints."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, name, payload = line.split(" ", 2)
+            found[name] = json.loads(payload)
+    return found
+
+
+@pytest.mark.parametrize("script", ["bench_finetune.py", "bench_dataprep.py", "bench_serving.py"])
+def test_help_explains_every_flag(script):
+    if not (BENCH / script).exists():
+        pytest.skip(f"{script} not written yet")
+    result = run_script([BENCH / script, "--help"], cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:")
+    flags = [w for w in result.stdout.split() if w.startswith("--") and w != "--help"]
+    assert flags, result.stdout
+
+
+def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir):
+    batch, length = 2, 128
+    result = run_script(
+        [BENCH / "bench_finetune.py", "--device", "cpu", "--model-dir", tiny_model_dir, "--max-length", length,
+         "--batch-size", batch, "--warmup-steps", 1, "--steps", 2, "--repeats", 1, "--rows", 60,
+         "--settings", "tutorial,default", "--modes", "full,lora"],
+        cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "configuration: " in out and '"max_length": 128' in out and "loadavg" in out
+    payload = results(out)["finetune"]
+
+    runs = payload["runs"]
+    assert {(r["setting"], r["mode"], r["runner"]) for r in runs} == {
+        (s, m, r) for s in ("tutorial", "default") for m in ("full", "lora") for r in ("fine_tune", "bare")
+    }
+    for run in runs:
+        assert 0 < run["tokens_per_step"] <= batch * length
+        assert run["tokens_per_s"] > 0 and run["step_s"] > 0
+        assert 0 < run["mfu_pct"] < 100
+        assert run["peak_rss_mb"] > 100
+        assert math.isfinite(run["loss"]) and run["loss"] > 0
+        if run["packing"] == "wrapped":  # concatenated and cut: every row is full
+            assert run["tokens_per_step"] == batch * length
+    tutorial = next(r for r in runs if r["setting"] == "tutorial")
+    assert (tutorial["attn"], tutorial["packing"]) == ("eager", "wrapped")
+
+    # fine_tune.py's trainer and the bare TRL one train the same model on the same batches.
+    for group in payload["same_model"]:
+        assert group["spread"] < 1e-3, group
+    whats = {r["what"] for r in payload["ratios"]}
+    assert "fine_tune / bare, default, full" in whats and "default / tutorial, lora, fine_tune" in whats
+    assert all(r["ratio"] > 0 for r in payload["ratios"])
+
+
+def test_dataprep_benchmark_compares_process_counts():
+    result = run_script(
+        [BENCH / "bench_dataprep.py", "--rows", 50, "--repeats", 1, "--num-proc", "2,default"], cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = results(result.stdout)["dataprep"]
+    table = {row["num_proc"]: row for row in payload["table"]}
+    assert set(table) == {2, None}  # None: fine_tune.py's default, one process
+    assert "fine_tune default" in table[None]["role"]
+    for row in table.values():
+        assert row["load_map_s_median"] > 0 and row["map_alone_s_median"] > 0
+    assert payload["fastest_num_proc"] in table
+
+
+def test_phi35_mini_config_has_the_real_models_size():
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import PHI35_MINI_CONFIG
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config(**PHI35_MINI_CONFIG))
+    # microsoft/Phi-3.5-mini-instruct: 3,821,079,552 parameters.
+    assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
+
+
+def test_batch_meter_counts_conversations_in_padding_free_batches():
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_finetune import BatchMeter
+
+    padding_free = BatchMeter(lambda _: {"input_ids": torch.zeros(1, 7), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])})
+    padding_free(None)
+    assert padding_free.batches == [(7, 3 * 3 + 2 * 2 + 2 * 2)]
+    padded = BatchMeter(lambda _: {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])})
+    padded(None)
+    assert padded.batches == [(6, 16 + 4)]
