@@ -219,8 +219,12 @@ def endpoint(fine_tuned_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def flow_server(endpoint, quiet_pf_home, tmp_path_factory):
-    """`pf flow serve` in front of the endpoint; it finds the endpoint through the endpoint's .env."""
-    server = FlowServer({**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file)},
+    """`pf flow serve` in front of the endpoint; it finds the endpoint through the endpoint's .env.
+
+    Greedy decoding (AZURE_ML_TEMPERATURE=0), so the tiny model's answers can be compared exactly.
+    """
+    env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
+    server = FlowServer(env,
                         tmp_path_factory.mktemp("flow-serve") / "pf-serve.log")
     yield server.wait_until_live(timeout=120)
     server.stop()

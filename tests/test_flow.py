@@ -1,0 +1,287 @@
+"""The Prompt flow (flow.dag.yml + integrate_with_promptflow.py) in front of the endpoint.
+
+`pf flow test` and `pf flow serve` run as the learner runs them, against the local endpoint on
+the fine-tuned tiny model, or against stand-in endpoints on 127.0.0.1 that fail on purpose
+(down, 500, hanging, 429/503, odd answers). The endpoint's URI and key reach the flow only
+through the .env file the endpoint wrote.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from chat_fixtures import (  # noqa: F401
+    ANSWER, PF, QUESTION, ROOT, chat_turn, endpoint, flow_answer, flow_server, free_port, pf_flow_test,
+    quiet_pf_home, stand_in,
+)
+
+FOLLOW_UP = "Is that right?"
+
+
+@pytest.fixture
+def flow_env(endpoint, quiet_pf_home):
+    """Environment for a `pf` command that finds the endpoint through its .env file, as a learner's does.
+
+    Greedy decoding (AZURE_ML_TEMPERATURE=0), so the tiny model's answers can be compared exactly.
+    """
+    return {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
+
+
+def stand_in_env(url: str, quiet_pf_home: dict, tmp_path, **extra) -> dict:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"AZURE_ML_ENDPOINT={url}\nAZURE_ML_API_KEY=stand-in-key\n")
+    return {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(env_file), **extra}
+
+
+def test_pf_starts(quiet_pf_home):
+    # An unpinned promptflow stack may not even start (see requirements.in); this one does.
+    result = subprocess.run([PF, "--version"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **quiet_pf_home})
+    assert result.returncode == 0, result.stderr[-2000:]
+    versions = json.loads(result.stdout[: result.stdout.index("}") + 1])
+    assert versions["promptflow"] == versions["promptflow-devkit"] == versions["promptflow-core"] == "1.18.5"
+
+
+def test_the_flow_is_the_tutorials_made_a_chat_flow():
+    flow = yaml.safe_load((ROOT / "flow.dag.yml").read_text())
+    assert flow["inputs"]["input_data"] == {"type": "string", "default": QUESTION, "is_chat_input": True}
+    assert flow["inputs"]["chat_history"]["is_chat_history"] is True
+    assert flow["outputs"]["answer"]["reference"] == "${integrate_with_promptflow.output}"
+    assert flow["outputs"]["answer"]["is_chat_output"] is True
+    (node,) = flow["nodes"]
+    assert node["name"] == "integrate_with_promptflow"
+    assert node["source"] == {"type": "code", "path": "integrate_with_promptflow.py"}
+    source = (ROOT / "integrate_with_promptflow.py").read_text() + (ROOT / "flow.dag.yml").read_text()
+    assert "Bearer" in source and "your_fine_tuned_model_api_key" not in source  # no key in a source file
+
+
+def test_pf_flow_test_answers_the_default_question(flow_env):
+    result, _ = pf_flow_test(flow_env)
+    assert flow_answer(result) == ANSWER
+
+
+def test_pf_flow_test_answers_a_question(flow_env):
+    result, _ = pf_flow_test(flow_env, "input_data=Where is Microsoft based?")
+    assert flow_answer(result) == "Microsoft is based in Redmond, Washington."
+
+
+def test_an_empty_question_is_refused(flow_env):
+    result, _ = pf_flow_test(flow_env, "input_data=   ")
+    assert result.returncode != 0
+    assert "The question is empty: type a question for the model" in result.stdout + result.stderr
+
+
+def test_pf_flow_serve_answers_on_score(flow_server):
+    response = flow_server.ask(QUESTION)
+    assert response.status_code == 200
+    assert response.json() == {"answer": ANSWER}
+
+    refused = flow_server.ask("")
+    assert refused.status_code == 400
+    assert "The question is empty" in refused.json()["error"]["message"]
+
+
+def test_chat_history_reaches_the_model(flow_server):
+    # The tiny model learned "Is that right?" only as a follow-up: alone, it answers nonsense.
+    history = [chat_turn(QUESTION, ANSWER)]
+    response = flow_server.ask(FOLLOW_UP, history)
+    assert response.status_code == 200
+    assert response.json() == {"answer": "Yes, that is right."}
+    alone = flow_server.ask(FOLLOW_UP, [])
+    assert alone.json()["answer"] != "Yes, that is right."
+
+
+def test_chat_history_is_sent_in_the_phi3_format(stand_in, quiet_pf_home, tmp_path):
+    recorder = stand_in((200, ["Sure."], {}))
+    history = [chat_turn("What is Phi-3?", "A small model."), chat_turn("Who made it?", "Microsoft.")]
+    env = stand_in_env(recorder.url, quiet_pf_home, tmp_path)
+    result, _ = pf_flow_test(env, "input_data=Can you say that in one word?", f"chat_history={json.dumps(history)}")
+    assert flow_answer(result) == "Sure."
+    (request,) = recorder.requests
+    assert request["headers"]["Authorization"] == "Bearer stand-in-key"
+    assert request["body"] == {
+        "input_data": [
+            "What is Phi-3?<|end|>\n<|assistant|>\nA small model.<|end|>\n<|user|>\n"
+            "Who made it?<|end|>\n<|assistant|>\nMicrosoft.<|end|>\n<|user|>\n"
+            "Can you say that in one word?"
+        ],
+        "params": {"temperature": 0.7, "max_new_tokens": 128, "do_sample": True, "return_full_text": False},
+    }
+
+
+def test_endpoint_down_fails_with_a_clear_message(quiet_pf_home, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/score"  # nothing listens there
+    result, took = pf_flow_test(stand_in_env(url, quiet_pf_home, tmp_path))
+    assert result.returncode != 0
+    assert f"could not connect to {url} (after 3 retries): is the endpoint running?" in result.stdout
+    assert "python deploy_model.py --local" in result.stdout
+    assert took < 60
+
+
+def test_endpoint_answering_500_fails_with_a_clear_message(stand_in, quiet_pf_home, tmp_path):
+    broken = stand_in((500, {"message": "An unexpected error occurred in scoring script."}, {}))
+    result, _ = pf_flow_test(stand_in_env(broken.url, quiet_pf_home, tmp_path))
+    assert result.returncode != 0
+    assert (
+        f"the endpoint {broken.url} answered HTTP 500 Internal Server Error (An unexpected error occurred in "
+        "scoring script.): check the deployment's logs" in result.stdout
+    )
+    assert len(broken.requests) == 1, "a 500 is not retried"
+
+
+def test_hanging_endpoint_fails_within_the_timeout(stand_in, quiet_pf_home, tmp_path):
+    hanging = stand_in("hang")
+    env = stand_in_env(hanging.url, quiet_pf_home, tmp_path, AZURE_ML_REQUEST_TIMEOUT="3")
+    result, took = pf_flow_test(env)
+    assert result.returncode != 0
+    assert f"no answer from {hanging.url} within 3 s" in result.stdout
+    assert "raise AZURE_ML_REQUEST_TIMEOUT" in result.stdout
+    assert len(hanging.requests) == 1, "a timed-out request is not sent again"
+    assert took < 3 + 30  # the timeout, plus pf's own start-up
+
+
+def test_wrong_key_names_the_fix(endpoint, quiet_pf_home, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"AZURE_ML_ENDPOINT={endpoint.url}\nAZURE_ML_API_KEY=an-old-key\n")
+    result, _ = pf_flow_test({**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(env_file)})
+    assert result.returncode != 0
+    assert f"the endpoint {endpoint.url} answered HTTP 401 UNAUTHORIZED" in result.stdout
+    assert "AZURE_ML_API_KEY in .env is not this endpoint's key" in result.stdout
+
+
+def test_exported_settings_win_over_env_file(endpoint, quiet_pf_home, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:9/score\nAZURE_ML_API_KEY=an-old-key\n")
+    env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(env_file), "AZURE_ML_TEMPERATURE": "0",
+           "AZURE_ML_ENDPOINT": endpoint.url, "AZURE_ML_API_KEY": endpoint.key}
+    result, _ = pf_flow_test(env)
+    assert flow_answer(result) == ANSWER
+
+
+def test_unset_endpoint_names_the_fix(quiet_pf_home, tmp_path):
+    result, _ = pf_flow_test({**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(tmp_path / "none.env")})
+    assert result.returncode != 0
+    assert "AZURE_ML_ENDPOINT is not set: start the local endpoint with `python deploy_model.py --local`" in result.stdout
+
+
+def test_no_promptflow_service_is_left_running(flow_env):
+    pf_flow_test(flow_env)
+    time.sleep(1)
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "promptflow._sdk._service" not in processes
+    assert "pfs " not in processes
+
+
+# The tool itself, called in this process against stand-ins: retries, statuses, answer shapes.
+
+
+@pytest.fixture
+def ask(monkeypatch):
+    """Ask the flow's tool one question with the given settings, as if exported."""
+    import integrate_with_promptflow as tool
+
+    def ask_with(url, question=QUESTION, chat_history=None, **settings):
+        monkeypatch.setattr(tool, "_EXPORTED", {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": "k", **settings})
+        return tool.my_python_tool(question, chat_history)
+
+    return ask_with
+
+
+def test_503_then_429_are_retried_until_an_answer(ask, stand_in):
+    flaky = stand_in((503, {"message": "starting"}, {}), (429, {}, {"Retry-After": "1"}), (200, [ANSWER], {}))
+    started = time.monotonic()
+    assert ask(flaky.url) == ANSWER
+    assert len(flaky.requests) == 3
+    assert time.monotonic() - started >= 1, "Retry-After is honoured"
+
+
+def test_429_that_persists_ends_with_one_message(ask, stand_in):
+    from integrate_with_promptflow import EndpointError
+
+    busy = stand_in((429, {"message": "Too many requests"}, {}))
+    started = time.monotonic()
+    with pytest.raises(EndpointError) as error:
+        ask(busy.url)
+    assert str(error.value) == (
+        f"the endpoint {busy.url} answered HTTP 429 Too Many Requests (Too many requests): the endpoint is busy, "
+        "still after 3 retries: wait and ask again, or give the deployment more instances"
+    )
+    assert len(busy.requests) == 4
+    assert time.monotonic() - started >= 6, "backoff waits 0 s, 2 s and 4 s between the tries"
+
+
+@pytest.mark.parametrize(
+    "status, fix",
+    [
+        (401, "the endpoint refused the key: AZURE_ML_API_KEY in .env is not this endpoint's key"),
+        (403, "the key may not call this endpoint: check AZURE_ML_API_KEY"),
+        (404, "nothing is served at AZURE_ML_ENDPOINT: it must be the REST endpoint ending in /score"),
+        (424, "check the deployment's logs (or the local endpoint's console)"),
+    ],
+)
+def test_other_statuses_name_the_status_and_the_fix(ask, stand_in, status, fix):
+    from integrate_with_promptflow import EndpointError
+
+    failing = stand_in((status, {"message": "from the server"}, {}))
+    with pytest.raises(EndpointError) as error:
+        ask(failing.url)
+    assert f"answered HTTP {status} " in str(error.value)
+    assert "(from the server)" in str(error.value)
+    assert fix in str(error.value)
+    assert len(failing.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "body, answer",
+    [(["An answer.", "another"], "An answer."), ({"output": "An answer."}, "An answer."),
+     ({"output": ["An answer."]}, "An answer."), (["  An answer.\n"], "An answer.")],
+)
+def test_both_azure_answer_shapes_are_read(ask, stand_in, body, answer):
+    assert ask(stand_in((200, body, {})).url) == answer
+
+
+def test_an_unexpected_answer_shape_is_named(ask, stand_in):
+    from integrate_with_promptflow import EndpointError
+
+    with pytest.raises(EndpointError, match=r"unexpected shape \(\{\"predictions\": \[1\]\}\); expected a list of strings"):
+        ask(stand_in((200, {"predictions": [1]}, {})).url)
+
+
+def test_temperature_0_asks_for_greedy_decoding(ask, stand_in):
+    recorder = stand_in((200, ["ok"], {}))
+    ask(recorder.url, AZURE_ML_TEMPERATURE="0", AZURE_ML_MAX_NEW_TOKENS="32")
+    ask(recorder.url, AZURE_ML_TEMPERATURE="1.5")
+    assert [r["body"]["params"] for r in recorder.requests] == [
+        {"max_new_tokens": 32, "do_sample": False, "return_full_text": False},
+        {"temperature": 1.5, "max_new_tokens": 128, "do_sample": True, "return_full_text": False},
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, value, rule",
+    [
+        ("AZURE_ML_REQUEST_TIMEOUT", "soon", "a number of seconds above 0"),
+        ("AZURE_ML_REQUEST_TIMEOUT", "0", "a number of seconds above 0"),
+        ("AZURE_ML_TEMPERATURE", "-1", "a number, 0 or more (0: greedy)"),
+        ("AZURE_ML_MAX_NEW_TOKENS", "2.5", "a whole number, 1 or more"),
+    ],
+)
+def test_bad_settings_are_named(ask, stand_in, name, value, rule):
+    from integrate_with_promptflow import EndpointError
+
+    server = stand_in((200, ["ok"], {}))
+    with pytest.raises(EndpointError) as error:
+        ask(server.url, **{name: value})
+    assert str(error.value) == f"{name} must be {rule}, got '{value}'"
+    assert server.requests == []
+
+
+def test_bad_history_is_named(ask, stand_in):
+    server = stand_in((200, ["ok"], {}))
+    with pytest.raises(ValueError, match=r"chat_history\[0\] must look like"):
+        ask(server.url, chat_history=[{"question": "hi"}])
+    assert server.requests == []
