@@ -173,7 +173,7 @@ def gpu_bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def measure_cpu_bf16_peak_tflops(size: int = 1024, repeats: int = 20) -> float:
+def measure_cpu_bf16_peak_tflops(size: int = 2048, repeats: int = 5) -> float:
     """The best bf16 matmul rate torch reaches on this CPU with its current threads (TFLOP/s).
 
     An achievable peak, measured, not a data-sheet figure: CPUs have no single bf16 peak number
@@ -314,27 +314,33 @@ PHI35_MINI_CONFIG = {
 }
 
 
-def build_random_phi35_mini(out: Path, device: str = "cpu", layers: int | None = None) -> Path:
-    """Write a model folder with Phi-3.5-mini's architecture and size, random bf16 weights, and the
-    tiny tokenizer (ids < 512 are valid ids of the 32,064-token vocabulary, so the compute is the
-    real model's). `layers` shrinks the depth for quick checks; None keeps all 32.
+def random_phi35_mini(device: str = "cpu", dtype=None, layers: int | None = None):
+    """A Phi3ForCausalLM with Phi-3.5-mini-instruct's architecture and size and random weights.
+
+    `layers` shrinks the depth for quick checks; None keeps all 32.
     """
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from local.tiny_phi3 import build_tokenizer
+    from transformers import AutoModelForCausalLM, Phi3Config
 
     values = dict(PHI35_MINI_CONFIG)
     if layers:
         values["num_hidden_layers"] = layers
-    if (out / "config.json").exists() and json.loads((out / "config.json").read_text())["num_hidden_layers"] == values[
-        "num_hidden_layers"
-    ]:
-        return out
-    config = Phi3Config(**values)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):  # initialise where it will run, in its final dtype: no fp32 copy
+        return AutoModelForCausalLM.from_config(Phi3Config(**values), dtype=dtype or torch.bfloat16)
+
+
+def build_random_phi35_mini(out: Path, device: str = "cpu", layers: int | None = None) -> Path:
+    """Write a model folder with Phi-3.5-mini's architecture and size, random bf16 weights, and the
+    tiny tokenizer (ids < 512 are valid ids of the 32,064-token vocabulary, so the compute is the
+    real model's). Reused when it is already there with the same depth.
+    """
+    from local.tiny_phi3 import build_tokenizer
+
+    depth = layers or PHI35_MINI_CONFIG["num_hidden_layers"]
+    if (out / "config.json").exists() and json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth:
+        return out
+    model = random_phi35_mini(device, layers=layers)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)

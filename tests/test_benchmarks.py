@@ -111,3 +111,30 @@ def test_batch_meter_counts_conversations_in_padding_free_batches():
     padded = BatchMeter(lambda _: {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])})
     padded(None)
     assert padded.batches == [(6, 16 + 4)]
+
+
+def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
+    env_file = ROOT / ".env"
+    before = env_file.read_text() if env_file.exists() else None
+    result = run_script(
+        [BENCH / "bench_serving.py", "--model-dir", fine_tuned_model, "--max-new-tokens", 6, "--calls", 4,
+         "--concurrency", 2, "--concurrent-calls", 4, "--big", "--big-layers", 1, "--big-tokens", 3],
+        cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = results(result.stdout)["serving"]
+    rows = {(r["target"], r["phase"]): r for r in payload["endpoint"]}
+    assert set(rows) == {(t, p) for t in ("endpoint", "flow", "flow - endpoint") for p in ("sequential", "2 concurrent")}
+    for target in ("endpoint", "flow"):
+        sequential = rows[(target, "sequential")]
+        assert sequential["calls"] == 4
+        assert 0 < sequential["p50_ms"] <= sequential["p99_ms"]
+        # The fine-tuned tiny model answers with 'Microsoft was founded ...', cut at 6 tokens.
+        assert sequential["tokens_per_answer"] == 6 and sequential["tokens_per_s"] > 0
+        assert rows[(target, "2 concurrent")]["answers_per_s"] > 0
+    (big,) = payload["big"]
+    assert big["layers"] == 1 and big["dtype"] == "bfloat16"
+    assert big["first_token_s"] > 0 and big["per_token_s"] > 0
+    assert big["est_128_tokens_s"] == pytest.approx(big["first_token_s"] + 127 * big["per_token_s"])
+    # The endpoint it starts writes its URI and key to a .env of the benchmark's, never the learner's.
+    assert (env_file.read_text() if env_file.exists() else None) == before

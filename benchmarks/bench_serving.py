@@ -1,0 +1,376 @@
+"""Serving: the local endpoint's latency and tokens/s, and what the Prompt flow adds on top.
+
+1. Endpoint: it starts the project's local endpoint (`python -m local.endpoint`, the server and
+   scoring script the learner runs) on an MLflow model folder, and POSTs to /score the body the
+   flow's tool sends ({"input_data": [question], "params": {max_new_tokens, do_sample: false,
+   return_full_text: false}}), one fresh connection per call as the tool makes: p50/p99 latency
+   over --calls sequential calls, generated tokens/s (the answer's tokens, counted with the model's
+   tokenizer, per second of latency), then --concurrency clients at once (latency and answers/s).
+   With --workers 1,2 it repeats this for each azmlinfsrv WORKER_COUNT.
+2. Prompt flow: it also starts `pf flow serve --source ./ --engine fastapi` on the same endpoint and
+   sends the same question to the flow's /score. Calls alternate direct / through the flow, so noise
+   hits both alike; the flow's added latency is the difference of the p50s (and p99s), also under
+   --concurrency clients.
+3. --big: Phi-3.5-mini-sized generation on this CPU, in process (model.generate with random
+   weights: the endpoint would run the same generate): time to the first token and per further
+   token, and the extrapolated time for max_new_tokens=128 against the deployment's 180 s limit.
+
+Default model: the tiny Phi-3 saved as an MLflow model with fine_tune.py's own save_mlflow_model.
+
+    python benchmarks/bench_serving.py                                # tiny model, endpoint + flow
+    python benchmarks/bench_serving.py --workers 1,2 --calls 300
+    python benchmarks/bench_serving.py --big --skip-endpoint          # Phi-3.5-mini-sized on CPU
+"""
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
+
+ROOT = common.ROOT
+QUESTION = "Who founded Microsoft?"
+REQUEST_LIMIT_S = 180  # the deployment's request_timeout_ms (the tutorial's 180000)
+STANDARD_E4S_V3 = "Standard_E4s_v3: 4 vCPUs (2 cores, Intel Xeon 8171M/8272CL: AVX-512, no bf16 instructions), 32 GiB"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path,
+                        help="the MLflow model folder to serve (default: the tiny Phi-3 saved as fine_tune.py saves)")
+    parser.add_argument("--server", choices=["auto", "azmlinfsrv", "uvicorn"], default="auto",
+                        help="the local endpoint's server (local/endpoint.py --server; auto: azmlinfsrv when built)")
+    parser.add_argument("--workers", default="1",
+                        help="comma-separated azmlinfsrv WORKER_COUNT values to measure, each with its own endpoint "
+                             "(Azure's default is 1; ignored by the uvicorn server, which has one)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens each answer may have (greedy decoding)")
+    parser.add_argument("--calls", type=int, default=200, help="sequential calls to each target (the issue asks >= 200)")
+    parser.add_argument("--concurrency", type=int, default=8, help="clients calling at once in the concurrent phase")
+    parser.add_argument("--concurrent-calls", type=int, default=80, help="calls in all in the concurrent phase, per target")
+    parser.add_argument("--skip-flow", action="store_true", help="measure the endpoint only, no Prompt flow")
+    parser.add_argument("--skip-endpoint", action="store_true", help="measure neither endpoint nor flow (with --big)")
+    parser.add_argument("--big", action="store_true",
+                        help="also time generation with a Phi-3.5-mini-sized random model on this CPU (~8 GB RAM)")
+    parser.add_argument("--big-tokens", type=int, default=4, help="with --big: tokens generated in the longer run")
+    parser.add_argument("--big-layers", type=int,
+                        help="with --big: build only this many layers (a quick check; figures scale ~linearly)")
+    parser.add_argument("--big-dtypes", default="bfloat16",
+                        help="with --big: comma-separated dtypes to time (bfloat16, float32; float32 needs ~16 GB)")
+    parser.add_argument("--port", type=int, default=0, help="first port to use (default: free ports)")
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_mlflow_model(out: Path) -> Path:
+    """The tiny Phi-3, untrained, written by fine_tune.py's save_mlflow_model (the served contract)."""
+    if (out / "MLmodel").exists():
+        return out
+    import fine_tune as ft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = common.tiny_model()
+    model = AutoModelForCausalLM.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with tempfile.TemporaryDirectory(dir=common.SCRATCH) as tmp:
+        staged = Path(tmp) / "model"
+        ft.save_mlflow_model(model, tokenizer, str(staged))
+        staged.rename(out)
+    return out
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bench_serving.py: {what} exited with code {process.returncode} while starting")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"bench_serving.py: {what} did not answer {url} within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Services:
+    """The endpoint (and the flow) as subprocesses, with an isolated .env and Prompt flow home."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.key = secrets.token_urlsafe(24)
+        self.env_file = work / "bench.env"
+        self.env_file.write_text("")
+        self.processes = []
+        self.logs = []
+
+    def environment(self, **extra) -> dict:
+        from local import pf_home
+
+        return {
+            **os.environ,
+            **pf_home.prepare(self.work / "promptflow"),
+            "FINETUNE_PHI_ENV_FILE": str(self.env_file),  # never the learner's .env
+            "AZURE_ML_API_KEY": self.key,
+            "PYTHONPATH": str(ROOT),
+            **extra,
+        }
+
+    def start(self, command: list, name: str, **extra) -> subprocess.Popen:
+        log = open(self.work / f"{name}.log", "w")
+        self.logs.append(log)
+        process = subprocess.Popen([str(c) for c in command], cwd=ROOT, env=self.environment(**extra),
+                                   stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def endpoint(self, model_dir: Path, server: str, workers: int, port: int) -> str:
+        process = self.start([sys.executable, "-m", "local.endpoint", "--model-dir", model_dir, "--port", port,
+                              "--server", server], f"endpoint-{port}", WORKER_COUNT=str(workers))
+        base = f"http://127.0.0.1:{port}"
+        wait_for(base + "/", process, "the local endpoint")
+        return base + "/score"
+
+    def flow(self, endpoint_url: str, port: int, max_new_tokens: int) -> str:
+        pf = Path(sys.executable).with_name("pf")
+        process = self.start(
+            [pf, "flow", "serve", "--source", ROOT, "--port", port, "--host", "127.0.0.1", "--engine", "fastapi",
+             "--skip-open-browser"], f"flow-{port}",
+            AZURE_ML_ENDPOINT=endpoint_url, AZURE_ML_TEMPERATURE="0", AZURE_ML_MAX_NEW_TOKENS=str(max_new_tokens))
+        base = f"http://127.0.0.1:{port}"
+        wait_for(base + "/health", process, "pf flow serve")
+        return base + "/score"
+
+    def stop_all(self):
+        for process in reversed(self.processes):
+            stop(process)
+        self.processes.clear()
+        for log in self.logs:
+            log.close()
+
+    def tail(self) -> str:
+        out = []
+        for log in self.logs:
+            path = Path(log.name)
+            if path.exists():
+                out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-20:]))
+        return "\n".join(out)
+
+
+class Client:
+    """One call = one fresh connection, as the flow's tool makes."""
+
+    def __init__(self, key: str, max_new_tokens: int, tokenizer):
+        self.key = key
+        self.params = {"max_new_tokens": max_new_tokens, "do_sample": False, "return_full_text": False}
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+
+    def direct(self, url: str) -> tuple[float, str]:
+        import requests
+
+        start = time.perf_counter()
+        response = requests.post(url, json={"input_data": [QUESTION], "params": self.params},
+                                 headers={"Authorization": f"Bearer {self.key}"}, timeout=REQUEST_LIMIT_S + 10)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        return elapsed, response.json()[0]
+
+    def flow(self, url: str) -> tuple[float, str]:
+        import requests
+
+        start = time.perf_counter()
+        response = requests.post(url, json={"input_data": QUESTION, "chat_history": []}, timeout=REQUEST_LIMIT_S + 10)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        return elapsed, response.json()["answer"]
+
+    def tokens(self, answer: str) -> int:
+        with self.lock:
+            return len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def latency_stats(samples: list[tuple[float, str]], client: Client, wall: float | None = None) -> dict:
+    latencies = [s for s, _ in samples]
+    tokens = [client.tokens(a) for _, a in samples]
+    stats = {
+        "calls": len(samples),
+        "p50_ms": 1000 * common.percentile(latencies, 50),
+        "p99_ms": 1000 * common.percentile(latencies, 99),
+        "mean_ms": 1000 * sum(latencies) / len(latencies),
+        "tokens_per_answer": sum(tokens) / len(tokens),
+        "tokens_per_s": sum(tokens) / sum(latencies),
+    }
+    if wall:
+        stats["answers_per_s"] = len(samples) / wall
+        stats["tokens_per_s"] = sum(tokens) / wall
+    return stats
+
+
+def concurrent(call, url: str, clients: int, calls: int) -> tuple[list, float]:
+    with ThreadPoolExecutor(clients) as pool:
+        start = time.perf_counter()
+        samples = list(pool.map(lambda _: call(url), range(calls)))
+        return samples, time.perf_counter() - start
+
+
+def measure_endpoint(opts, services: Services, client: Client, workers: int) -> list[dict]:
+    endpoint_url = services.endpoint(opts.model_dir, opts.server, workers, opts.port or free_port())
+    flow_url = None if opts.skip_flow else services.flow(endpoint_url, free_port(), opts.max_new_tokens)
+    targets = {"endpoint": (client.direct, endpoint_url)}
+    if flow_url:
+        targets["flow"] = (client.flow, flow_url)
+        # Same answer both ways: the flow adds transport, not a different generation.
+        assert client.flow(flow_url)[1].strip() == client.direct(endpoint_url)[1].strip()
+    for call, url in targets.values():  # warm up: first requests load lazily built parts
+        for _ in range(5):
+            call(url)
+
+    sequential = {name: [] for name in targets}
+    for i in range(opts.calls):
+        order = list(targets) if i % 2 == 0 else list(targets)[::-1]
+        for name in order:
+            call, url = targets[name]
+            sequential[name].append(call(url))
+    rows = []
+    for name, samples in sequential.items():
+        rows.append({"workers": workers, "target": name, "phase": "sequential", **latency_stats(samples, client)})
+    for name, (call, url) in targets.items():
+        samples, wall = concurrent(call, url, opts.concurrency, opts.concurrent_calls)
+        rows.append({"workers": workers, "target": name, "phase": f"{opts.concurrency} concurrent",
+                     **latency_stats(samples, client, wall)})
+    if flow_url:
+        paired = [f - d for (d, _), (f, _) in zip(sequential["endpoint"], sequential["flow"])]
+        rows.append({"workers": workers, "target": "flow - endpoint", "phase": "sequential",
+                     "calls": len(paired),
+                     "p50_ms": rows[1]["p50_ms"] - rows[0]["p50_ms"],
+                     "p99_ms": rows[1]["p99_ms"] - rows[0]["p99_ms"],
+                     "mean_ms": 1000 * common.median(paired)})  # the median of paired differences
+        conc = [r for r in rows if r["phase"] != "sequential"]
+        rows.append({"workers": workers, "target": "flow - endpoint", "phase": f"{opts.concurrency} concurrent",
+                     "calls": conc[1]["calls"],
+                     "p50_ms": conc[1]["p50_ms"] - conc[0]["p50_ms"], "p99_ms": conc[1]["p99_ms"] - conc[0]["p99_ms"]})
+    services.stop_all()
+    return rows
+
+
+def measure_big(opts) -> list[dict]:
+    """Phi-3.5-mini-sized generation on this CPU: first token, each further token, 128 extrapolated."""
+    import torch
+    from transformers import GenerationConfig
+
+    from local.tiny_phi3 import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                           add_generation_prompt=True)
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    rows = []
+    for dtype_name in filter(None, opts.big_dtypes.split(",")):
+        dtype = getattr(torch, dtype_name)
+        with common.timed() as built:
+            model = common.random_phi35_mini("cpu", dtype=dtype, layers=opts.big_layers).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+
+        def generate(n):
+            config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+            with torch.inference_mode(), common.timed() as elapsed:
+                out = model.generate(input_ids, generation_config=config, attention_mask=torch.ones_like(input_ids))
+            assert out.shape[1] == input_ids.shape[1] + n
+            return elapsed()
+
+        generate(1)  # warm-up
+        first = common.median([generate(1) for _ in range(2)])
+        longer = common.median([generate(opts.big_tokens) for _ in range(2)])
+        per_token = (longer - first) / (opts.big_tokens - 1)
+        estimate_128 = first + 127 * per_token
+        rows.append({
+            "dtype": dtype_name, "layers": model.config.num_hidden_layers, "parameters": n_params,
+            "prompt_tokens": input_ids.shape[1], "build_s": built(),
+            "first_token_s": first, "per_token_s": per_token, "tokens_per_s": 1 / per_token,
+            "est_128_tokens_s": estimate_128, "fits_180_s": estimate_128 < REQUEST_LIMIT_S,
+        })
+        print(f"big {dtype_name}: first token {first:.2f} s, then {per_token:.2f} s/token; 128 tokens ~ "
+              f"{estimate_128:.0f} s (limit {REQUEST_LIMIT_S} s); load {os.getloadavg()[0]:.2f}", flush=True)
+        del model
+    return rows
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    common.setup_env()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from local.endpoint import choose_server
+
+    workers = [int(w) for w in opts.workers.split(",") if w]
+    server = None if opts.skip_endpoint else choose_server(opts.server)
+    if opts.model_dir is None and not opts.skip_endpoint:
+        opts.model_dir = tiny_mlflow_model(common.SCRATCH / "tiny-mlflow-model")
+    common.print_header("Serving latency", {
+        "model_dir": str(opts.model_dir), "server": server, "workers": workers, "max_new_tokens": opts.max_new_tokens,
+        "decoding": "greedy", "sequential_calls": opts.calls, "concurrency": opts.concurrency,
+        "concurrent_calls": opts.concurrent_calls, "flow": not (opts.skip_flow or opts.skip_endpoint),
+        "flow_engine": "fastapi", "question": QUESTION, "big": opts.big, "big_tokens": opts.big_tokens,
+        "big_layers": opts.big_layers or 32, "big_dtypes": opts.big_dtypes,
+    })
+
+    rows, big = [], []
+    if not opts.skip_endpoint:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(opts.model_dir / "components" / "tokenizer")
+        with tempfile.TemporaryDirectory(dir=common.SCRATCH) as tmp:
+            services = Services(Path(tmp))
+            client = Client(services.key, opts.max_new_tokens, tokenizer)
+            try:
+                for count in workers:
+                    rows += measure_endpoint(opts, services, client, count)
+                    print(f"workers={count} done; load {os.getloadavg()[0]:.2f}", flush=True)
+            except BaseException:
+                print(services.tail(), file=sys.stderr)
+                raise
+            finally:
+                services.stop_all()
+        print()
+        common.print_table(rows, ["workers", "target", "phase", "calls", "p50_ms", "p99_ms", "mean_ms",
+                                  "tokens_per_answer", "tokens_per_s", "answers_per_s"])
+        print("(flow - endpoint rows: differences of p50 and p99; mean_ms there is the median of paired differences)")
+    if opts.big:
+        big = measure_big(opts)
+        print()
+        common.print_table(big, ["dtype", "layers", "parameters", "prompt_tokens", "first_token_s", "per_token_s",
+                                 "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
+        print(f"measured on this machine; the tutorial's deployment runs on {STANDARD_E4S_V3}")
+    print(f"loadavg after: {[round(x, 2) for x in os.getloadavg()]}")
+    common.emit_json("serving", {"endpoint": rows, "big": big})
+    return rows, big
+
+
+if __name__ == "__main__":
+    main()
