@@ -30,10 +30,15 @@ SETTINGS = (
     "AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", "AZURE_ML_REQUEST_TIMEOUT", "AZURE_ML_TEMPERATURE", "AZURE_ML_MAX_NEW_TOKENS"
 )
 # What the environment held before config.py loaded .env into it: an exported variable wins
-# over .env, and .env is re-read at each question (see endpoint_settings).
-_EXPORTED = {name: os.environ[name] for name in SETTINGS if os.environ.get(name)}
+# over .env, and .env is re-read at each question (see read_settings).
+_before_dotenv = {name: os.environ[name] for name in SETTINGS if os.environ.get(name)}
 
 import config  # noqa: E402  (after the snapshot above)
+
+# Prompt flow imports this file more than once in one process (to read the tool's signature,
+# then to run it); only the first import saw the environment before config.py loaded .env, so
+# its snapshot is kept on the config module, which is imported only once.
+_EXPORTED = config.__dict__.setdefault("_exported_before_dotenv", _before_dotenv)
 
 logging.basicConfig(
     format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from chat_fixtures import (  # noqa: F401
-    ANSWER, PF, QUESTION, ROOT, chat_turn, endpoint, flow_answer, flow_server, free_port, pf_flow_test,
+    ANSWER, PF, QUESTION, ROOT, FlowServer, chat_turn, endpoint, flow_answer, flow_server, free_port, pf_flow_test,
     quiet_pf_home, stand_in,
 )
 
@@ -83,6 +83,23 @@ def test_pf_flow_serve_answers_on_score(flow_server):
     refused = flow_server.ask("")
     assert refused.status_code == 400
     assert "The question is empty" in refused.json()["error"]["message"]
+
+
+def test_a_served_flow_follows_a_restarted_endpoint(endpoint, quiet_pf_home, tmp_path):
+    # The endpoint may start, or move, after the flow: the URI and key are read from .env at each question.
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"AZURE_ML_ENDPOINT=http://127.0.0.1:{free_port()}/score\nAZURE_ML_API_KEY=old\n")
+    server = FlowServer({**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(env_file), "AZURE_ML_TEMPERATURE": "0"},
+                        tmp_path / "pf-serve.log")
+    try:
+        server.wait_until_live(timeout=120)
+        down = server.ask(QUESTION)
+        assert down.status_code >= 400
+        assert "could not connect to" in down.json()["error"]["message"]
+        env_file.write_text(endpoint.env_file.read_text())
+        assert server.ask(QUESTION).json() == {"answer": ANSWER}
+    finally:
+        server.stop()
 
 
 def test_chat_history_reaches_the_model(flow_server):
