@@ -5,22 +5,39 @@ Each step is the learner's own command, printed before it runs:
      tip, train_sft[:10]); otherwise ultrachat-shaped sample chats made on the spot.
   2. setup_ml.py --local: the Azure job's fine_tune.py command, run here, on a tiny Phi-3 model
      built from a config (unless --model-name names another) into outputs/models/<run>/model.
+  3. deploy_model.py --local: that model behind a local endpoint with the Azure managed online
+     endpoint's scoring contract, in the background (its URI and key go to .env);
+  4. pf flow test: one question through the tutorial's Prompt flow to that endpoint; then the
+     endpoint is stopped (--keep-endpoint leaves it running) and the way to the chat page is shown.
 
     make local            # sets up .venv first
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
 """
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import requests
+
+from local import pf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
+ENDPOINT_LOG = OUTPUTS / "local-endpoint.log"
+QUESTION = "Who founded Microsoft?"
+CHAT_HOW_TO = """
+To chat with the model in your browser, in two terminals:
+  . .venv/bin/activate
+  python deploy_model.py --local                                           # terminal 1: the endpoint (Ctrl-C stops it)
+  pf flow serve --source ./ --port 8080 --host localhost --engine fastapi  # terminal 2: the flow and its chat page
+then open http://localhost:8080/ (or POST {{"input_data": "..."}} to http://localhost:8080/score).{running}"""
 
 
 def run(step: str, command: list, check: bool = True) -> subprocess.CompletedProcess:
@@ -41,12 +58,74 @@ def fine_tune(model_name: str | None) -> None:
     run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
 
 
+def start_endpoint(port: int, model_dir: Path | None = None) -> subprocess.Popen:
+    """`deploy_model.py --local` (default: the newest local model) in the background, once it is live."""
+    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
+    command += ["--model-dir", str(model_dir)] if model_dir else []
+    print(f"\n== Step 3: serve the model at a local endpoint (in the background; log: "
+          f"{os.path.relpath(ENDPOINT_LOG, ROOT)})\n$ {shlex.join(command)}", flush=True)
+    # Its own session, so that Ctrl-C on `make local` reaches it only through stop_endpoint.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(ENDPOINT_LOG, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    while process.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
+                print(f"The endpoint is live at http://127.0.0.1:{port}/score (URI and key written to .env).")
+                return process
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    log = ENDPOINT_LOG.read_text(errors="replace").strip().splitlines()
+    sys.exit(f"local pipeline: the local endpoint stopped while starting: {log[-1] if log else 'no output'}")
+
+
+def stop_endpoint(process: subprocess.Popen) -> None:
+    process.terminate()  # deploy_model.py --local stops its server on SIGTERM
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def ask_the_flow(question: str) -> str:
+    """One question through the Prompt flow, as `pf flow test` answers it."""
+    # Greedy decoding, so the tiny model's answer is its best one; pf keeps quiet state under outputs/.
+    env = {**os.environ, **pf_home.prepare(OUTPUTS / "promptflow"), "AZURE_ML_TEMPERATURE": "0"}
+    pf = Path(sys.executable).with_name("pf")
+    command = [pf, "flow", "test", "--flow", ".", "--inputs", f"input_data={question}"]
+    print(f"\n== Step 4: ask the Prompt flow\n$ AZURE_ML_TEMPERATURE=0 {shlex.join(map(str, command))}", flush=True)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode:
+        errors = [line for line in result.stdout.splitlines() if "failed with" in line or "Error" in line]
+        sys.exit(f"local pipeline: the flow failed: {(errors or result.stdout.splitlines() or ['no output'])[-1]}")
+    return json.loads(result.stdout[result.stdout.rindex("{"):])["answer"]
+
+
+def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None) -> str:
+    """Steps 3 and 4; the endpoint is stopped afterwards unless asked to keep it."""
+    endpoint = start_endpoint(port, model_dir)
+    try:
+        answer = ask_the_flow(question)
+    finally:
+        if not keep_endpoint:
+            stop_endpoint(endpoint)
+    print(f"\nQ: {question}\nA: {answer}")
+    running = (f"\n\nThe endpoint is still running (pid {endpoint.pid}, port {port}): skip terminal 1, "
+               f"and stop it with `kill {endpoint.pid}`." if keep_endpoint else "")
+    print(CHAT_HOW_TO.format(running=running))
+    return answer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model-name", help="model to fine-tune (Hub id or folder); default: a tiny Phi-3 built on the spot"
     )
     parser.add_argument("--split", default="train_sft[:10]", help="split to take from the Hub (default: the tutorial's CPU tip)")
+    parser.add_argument("--port", type=int, default=5001, help="port of the local endpoint (default: 5001)")
+    parser.add_argument("--keep-endpoint", action="store_true",
+                        help="leave the local endpoint running at the end, ready for `pf flow serve`")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{OUTPUTS / 'mlflow.db'}")
     OUTPUTS.mkdir(exist_ok=True)
@@ -56,7 +135,8 @@ def main(argv=None):
         fine_tune(args.model_name)
     except subprocess.CalledProcessError as e:
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
-    print("\nDone. The fine-tuned MLflow model is the newest outputs/models/<run>/model")
+    print("\nThe fine-tuned MLflow model is the newest outputs/models/<run>/model")
+    serve_and_ask(args.port, args.keep_endpoint)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 
 from chat_fixtures import (  # noqa: F401
     ANSWER, PF, QUESTION, ROOT, FlowServer, chat_turn, endpoint, flow_answer, flow_server, free_port, pf_flow_test,
-    quiet_pf_home, stand_in,
+    port_is_open, quiet_pf_home, stand_in,
 )
 
 FOLLOW_UP = "Is that right?"
@@ -302,3 +302,20 @@ def test_bad_history_is_named(ask, stand_in):
     with pytest.raises(ValueError, match=r"chat_history\[0\] must look like"):
         ask(server.url, chat_history=[{"question": "hi"}])
     assert server.requests == []
+
+
+def test_the_local_pipeline_serves_asks_and_stops_the_endpoint(fine_tuned_model, tmp_path, monkeypatch, capsys):
+    from local import pipeline
+
+    monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
+    monkeypatch.setattr(pipeline, "ENDPOINT_LOG", tmp_path / "local-endpoint.log")
+    monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(tmp_path / ".env"))
+    port = free_port()
+    assert pipeline.serve_and_ask(port, keep_endpoint=False, model_dir=fine_tuned_model) == ANSWER
+    printed = capsys.readouterr().out
+    assert f"$ {pipeline.sys.executable} deploy_model.py --local --port {port} --model-dir {fine_tuned_model}" in printed
+    assert f"Q: {QUESTION}\nA: {ANSWER}\n" in printed
+    assert "pf flow serve --source ./ --port 8080 --host localhost --engine fastapi" in printed
+    assert f"AZURE_ML_ENDPOINT=http://127.0.0.1:{port}/score" in (tmp_path / ".env").read_text()
+    assert (tmp_path / "promptflow" / "pf.yaml").read_text().startswith("telemetry:\n  enabled: 'false'")
+    assert not port_is_open(port), "the endpoint is stopped at the end"
