@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -186,11 +187,15 @@ def test_unset_endpoint_names_the_fix(quiet_pf_home, tmp_path):
 
 
 def test_no_promptflow_service_is_left_running(flow_env):
-    pf_flow_test(flow_env)
+    result, _ = pf_flow_test(flow_env)
+    assert flow_answer(result) == ANSWER
+    assert "Starting prompt flow service" not in result.stdout + result.stderr
     time.sleep(1)
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "promptflow._sdk._service" not in processes
-    assert "pfs " not in processes
+    # What `pf` would start for tracing: `pf service start`, which runs waitress-serve on this app.
+    assert "promptflow._cli._pf._service" not in processes
+    assert "pf service start" not in processes
+    assert not (Path(flow_env["PF_HOME_DIRECTORY"]) / "pfs").exists(), "no service port was ever chosen"
 
 
 # The tool itself, called in this process against stand-ins: retries, statuses, answer shapes.
