@@ -82,7 +82,8 @@ def parse_args(argv=None):
                         help="with --model phi35-mini: build only this many layers (a quick check; default all 32)")
     parser.add_argument("--settings", default="tutorial,default",
                         help="comma-separated: tutorial (eager + wrapped packing), default (FineTuneArguments' "
-                             "attn_implementation + packing_strategy) or ATTN:STRATEGY, e.g. sdpa:bfd_split")
+                             "attn_implementation + packing_strategy) or ATTN:STRATEGY, e.g. sdpa:bfd_split; "
+                             "STRATEGY bfd_rows is bfd with the packed rows kept apart (see PerRowPackedCollator)")
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--runners", default="fine_tune,bare", help="comma-separated: fine_tune, bare")
     parser.add_argument("--max-length", type=int, help="sequence length (default: 2048, the tutorial's, on GPU; 512 on CPU)")
@@ -94,6 +95,9 @@ def parse_args(argv=None):
                         help="synthetic ultrachat-shaped conversations to train on (default: the 1%% subset's ~2,000)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
                         help="turn gradient checkpointing off (the tutorial and the project keep it on)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's, one per core); 1 steadies CPU figures on a machine "
+                             "other jobs share, where spinning worker threads stall each other")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak in TFLOP/s for MFU (default: looked up for known GPUs, "
                              "measured with a bf16 matmul on a CPU)")
@@ -128,6 +132,42 @@ class StepClock:
         return time.perf_counter()
 
 
+class PerRowPackedCollator:
+    """bfd-packed rows kept as rows (the "bfd_rows" strategy, not one of TRL's; fine_tune.py lacks it).
+
+    TRL's bfd strategy flattens the whole batch into one padding-free row: a kernel that reads
+    sequence boundaries (flash_attention_2) attends within each conversation cheaply, but sdpa and
+    eager build one (batch*max_length)^2 mask, batch times the attention work of separate rows. This
+    collator pads the packed rows to [batch, longest row] instead, with position_ids restarting at
+    each conversation and no attention_mask, from which transformers masks attention to each
+    conversation; padding gets position 0 and label -100 (a one-token sequence of its own). The
+    tokens, targets and attention pattern are bfd's, so it trains the same model.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.last_spans = None
+
+    def __call__(self, examples):
+        import torch
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(
+            [e["seq_lengths"] for e in examples])
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, (example, position) in enumerate(zip(examples, positions)):
+            n = len(example["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(example["input_ids"])
+            labels[i, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
+            position_ids[i, :n] = position
+        labels[position_ids == 0] = -100  # as TRL's padding-free: no target across a conversation boundary
+        self.last_spans = [s for e in examples for s in e["seq_lengths"]]
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 class BatchMeter:
     """Wraps the trainer's collator: records each batch's non-padding tokens and attention spans."""
 
@@ -137,7 +177,9 @@ class BatchMeter:
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        if "attention_mask" in batch:  # padded rows; attention spans the whole row
+        if getattr(self.collator, "last_spans", None) is not None:  # PerRowPackedCollator knows its conversations
+            spans = self.collator.last_spans
+        elif "attention_mask" in batch:  # padded rows; attention spans the whole row
             spans = batch["attention_mask"].sum(-1).tolist()
         else:  # padding-free: one flattened row, a conversation starts where position_ids is 0
             positions = batch["position_ids"].reshape(-1)
@@ -174,7 +216,7 @@ class Bench:
             lora=mode == "lora",
             attn_implementation=setting.attn,
             packing=True,
-            packing_strategy=setting.strategy,
+            packing_strategy="bfd" if setting.strategy == "bfd_rows" else setting.strategy,
             gradient_checkpointing=not o.no_gradient_checkpointing,
             checkpoint_dir=str(self.work / "checkpoints"),
         )
@@ -249,6 +291,8 @@ class Bench:
             trainer, base = self.fine_tune_trainer(args, *data)
         else:
             trainer, base = self.bare_trainer(args, data[0])
+        if setting.strategy == "bfd_rows":
+            trainer.data_collator = PerRowPackedCollator(trainer.processing_class.pad_token_id)
         needed = o.batch_size * args.max_steps
         if len(trainer.train_dataset) < needed:
             raise SystemExit(
@@ -348,12 +392,16 @@ def summarise(rows, settings, modes, runners):
                     a, b = tps(setting.name, mode, runner), tps("tutorial", mode, runner)
                     if a and b:
                         ratios.append({"what": f"{setting.name} / tutorial, {mode}, {runner}", "ratio": a / b})
-    # Same model? Runs that differ only in runner or attention kernel must reach the same loss.
+    # Same model? Runs that differ only in runner, attention kernel or batch layout (bfd vs bfd_rows)
+    # must reach the same loss.
+    def family(strategy):
+        return "bfd" if strategy == "bfd_rows" else strategy
+
     same = []
     for mode in modes:
-        for strategy in sorted({s.strategy for s in settings}):
-            losses = {f"{e['attn']}/{e['runner']}": e["loss"] for e in table
-                      if e["mode"] == mode and e["packing"] == strategy}
+        for strategy in sorted({family(s.strategy) for s in settings}):
+            losses = {f"{e['attn']}/{e['packing']}/{e['runner']}": e["loss"] for e in table
+                      if e["mode"] == mode and family(e["packing"]) == strategy}
             if len(losses) > 1:
                 same.append({"mode": mode, "packing": strategy, "losses": losses,
                              "spread": max(losses.values()) - min(losses.values())})
@@ -376,6 +424,8 @@ def main(argv=None):
     import fine_tune as ft  # finetuning_dir/fine_tune.py
 
     ft.logger.setLevel("WARNING")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     cuda = torch.cuda.is_available()
     if opts.device == "cuda" and not cuda:
         raise SystemExit("bench_finetune.py: --device cuda, but torch sees no GPU")
@@ -411,6 +461,7 @@ def main(argv=None):
         "max_length": opts.max_length, "batch_size": opts.batch_size, "warmup_steps": opts.warmup_steps,
         "measured_steps": opts.steps, "repeats": opts.repeats, "rows": opts.rows,
         "gradient_checkpointing": not opts.no_gradient_checkpointing, "bf16": True,
+        "torch_threads": torch.get_num_threads(),
         "settings": [s.__dict__ for s in settings], "modes": modes, "runners": runners,
         "peak_tflops": round(opts.peak_tflops, 3), "peak_source": peak_source,
         "fine_tune_mlflow_store": "a fresh SQLite store per benchmark run",
@@ -458,7 +509,7 @@ def main(argv=None):
     print("\nRatios of tokens/s (tokens_per_s_med):")
     common.print_table(ratios, ["what", "ratio"])
     if same:
-        print("\nSame model? Mean training loss of runs that differ only in runner or attention kernel:")
+        print("\nSame model? Mean training loss of runs that differ only in runner, attention kernel or batch layout:")
         common.print_table(same, ["mode", "packing", "losses", "spread"])
     print(f"loadavg after: {[round(x, 2) for x in os.getloadavg()]}")
     common.emit_json("finetune", {"runs": rows, "summary": table, "ratios": ratios, "same_model": same})

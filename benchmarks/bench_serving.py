@@ -52,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--workers", default="1",
                         help="comma-separated azmlinfsrv WORKER_COUNT values to measure, each with its own endpoint "
                              "(Azure's default is 1; ignored by the uvicorn server, which has one)")
+    parser.add_argument("--threads", default="default",
+                        help="comma-separated torch threads per server worker to measure (OMP_NUM_THREADS for the "
+                             "endpoint): default (torch's choice, one per core) or a number")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens each answer may have (greedy decoding)")
     parser.add_argument("--calls", type=int, default=200, help="sequential calls to each target (the issue asks >= 200)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients calling at once in the concurrent phase")
@@ -65,6 +68,8 @@ def parse_args(argv=None):
                         help="with --big: build only this many layers (a quick check; figures scale ~linearly)")
     parser.add_argument("--big-dtypes", default="bfloat16",
                         help="with --big: comma-separated dtypes to time (bfloat16, float32; float32 needs ~16 GB)")
+    parser.add_argument("--big-threads", default="default",
+                        help="with --big: comma-separated torch thread counts to time (default: torch's, one per core)")
     parser.add_argument("--port", type=int, default=0, help="first port to use (default: free ports)")
     return parser.parse_args(argv)
 
@@ -149,9 +154,12 @@ class Services:
         self.processes.append(process)
         return process
 
-    def endpoint(self, model_dir: Path, server: str, workers: int, port: int) -> str:
+    def endpoint(self, model_dir: Path, server: str, workers: int, threads: str, port: int) -> str:
+        extra = {"WORKER_COUNT": str(workers)}
+        if threads != "default":
+            extra.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         process = self.start([sys.executable, "-m", "local.endpoint", "--model-dir", model_dir, "--port", port,
-                              "--server", server], f"endpoint-{port}", WORKER_COUNT=str(workers))
+                              "--server", server], f"endpoint-{port}", **extra)
         base = f"http://127.0.0.1:{port}"
         wait_for(base + "/", process, "the local endpoint")
         return base + "/score"
@@ -239,8 +247,8 @@ def concurrent(call, url: str, clients: int, calls: int) -> tuple[list, float]:
         return samples, time.perf_counter() - start
 
 
-def measure_endpoint(opts, services: Services, client: Client, workers: int) -> list[dict]:
-    endpoint_url = services.endpoint(opts.model_dir, opts.server, workers, opts.port or free_port())
+def measure_endpoint(opts, services: Services, client: Client, workers: int, threads: str) -> list[dict]:
+    endpoint_url = services.endpoint(opts.model_dir, opts.server, workers, threads, opts.port or free_port())
     flow_url = None if opts.skip_flow else services.flow(endpoint_url, free_port(), opts.max_new_tokens)
     targets = {"endpoint": (client.direct, endpoint_url)}
     if flow_url:
@@ -259,20 +267,29 @@ def measure_endpoint(opts, services: Services, client: Client, workers: int) -> 
             sequential[name].append(call(url))
     rows = []
     for name, samples in sequential.items():
-        rows.append({"workers": workers, "target": name, "phase": "sequential", **latency_stats(samples, client)})
-    for name, (call, url) in targets.items():
-        samples, wall = concurrent(call, url, opts.concurrency, opts.concurrent_calls)
-        rows.append({"workers": workers, "target": name, "phase": f"{opts.concurrency} concurrent",
-                     **latency_stats(samples, client, wall)})
+        rows.append({"workers": workers, "threads": threads, "target": name, "phase": "sequential",
+                     **latency_stats(samples, client)})
+    # Two rounds in opposite orders, half the calls each, so that load from elsewhere hits both alike.
+    concurrent_samples = {name: ([], 0.0) for name in targets}
+    for order in (list(targets), list(targets)[::-1]):
+        for name in order:
+            call, url = targets[name]
+            samples, wall = concurrent(call, url, opts.concurrency, max(1, opts.concurrent_calls // 2))
+            before, walls = concurrent_samples[name]
+            concurrent_samples[name] = (before + samples, walls + wall)
+    for name, (samples, wall) in concurrent_samples.items():
+        rows.append({"workers": workers, "threads": threads, "target": name,
+                     "phase": f"{opts.concurrency} concurrent", **latency_stats(samples, client, wall)})
     if flow_url:
         paired = [f - d for (d, _), (f, _) in zip(sequential["endpoint"], sequential["flow"])]
-        rows.append({"workers": workers, "target": "flow - endpoint", "phase": "sequential",
+        rows.append({"workers": workers, "threads": threads, "target": "flow - endpoint", "phase": "sequential",
                      "calls": len(paired),
                      "p50_ms": rows[1]["p50_ms"] - rows[0]["p50_ms"],
                      "p99_ms": rows[1]["p99_ms"] - rows[0]["p99_ms"],
                      "mean_ms": 1000 * common.median(paired)})  # the median of paired differences
         conc = [r for r in rows if r["phase"] != "sequential"]
-        rows.append({"workers": workers, "target": "flow - endpoint", "phase": f"{opts.concurrency} concurrent",
+        rows.append({"workers": workers, "threads": threads, "target": "flow - endpoint",
+                     "phase": f"{opts.concurrency} concurrent",
                      "calls": conc[1]["calls"],
                      "p50_ms": conc[1]["p50_ms"] - conc[0]["p50_ms"], "p99_ms": conc[1]["p99_ms"] - conc[0]["p99_ms"]})
     services.stop_all()
@@ -291,6 +308,7 @@ def measure_big(opts) -> list[dict]:
                                            add_generation_prompt=True)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     rows = []
+    default_threads = torch.get_num_threads()
     for dtype_name in filter(None, opts.big_dtypes.split(",")):
         dtype = getattr(torch, dtype_name)
         with common.timed() as built:
@@ -305,19 +323,23 @@ def measure_big(opts) -> list[dict]:
             assert out.shape[1] == input_ids.shape[1] + n
             return elapsed()
 
-        generate(1)  # warm-up
-        first = common.median([generate(1) for _ in range(2)])
-        longer = common.median([generate(opts.big_tokens) for _ in range(2)])
-        per_token = (longer - first) / (opts.big_tokens - 1)
-        estimate_128 = first + 127 * per_token
-        rows.append({
-            "dtype": dtype_name, "layers": model.config.num_hidden_layers, "parameters": n_params,
-            "prompt_tokens": input_ids.shape[1], "build_s": built(),
-            "first_token_s": first, "per_token_s": per_token, "tokens_per_s": 1 / per_token,
-            "est_128_tokens_s": estimate_128, "fits_180_s": estimate_128 < REQUEST_LIMIT_S,
-        })
-        print(f"big {dtype_name}: first token {first:.2f} s, then {per_token:.2f} s/token; 128 tokens ~ "
-              f"{estimate_128:.0f} s (limit {REQUEST_LIMIT_S} s); load {os.getloadavg()[0]:.2f}", flush=True)
+        for threads in filter(None, opts.big_threads.split(",")):
+            torch.set_num_threads(default_threads if threads == "default" else int(threads))
+            generate(1)  # warm-up
+            first = common.median([generate(1) for _ in range(2)])
+            longer = common.median([generate(opts.big_tokens) for _ in range(2)])
+            per_token = (longer - first) / (opts.big_tokens - 1)
+            estimate_128 = first + 127 * per_token
+            rows.append({
+                "dtype": dtype_name, "threads": torch.get_num_threads(), "layers": model.config.num_hidden_layers,
+                "parameters": n_params, "prompt_tokens": input_ids.shape[1], "build_s": built(),
+                "first_token_s": first, "per_token_s": per_token, "tokens_per_s": 1 / per_token,
+                "est_128_tokens_s": estimate_128, "fits_180_s": estimate_128 < REQUEST_LIMIT_S,
+            })
+            print(f"big {dtype_name}, {torch.get_num_threads()} threads: first token {first:.2f} s, then "
+                  f"{per_token:.2f} s/token; 128 tokens ~ {estimate_128:.0f} s (limit {REQUEST_LIMIT_S} s); "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+        torch.set_num_threads(default_threads)
         del model
     return rows
 
@@ -331,15 +353,17 @@ def main(argv=None):
     from local.endpoint import choose_server
 
     workers = [int(w) for w in opts.workers.split(",") if w]
+    thread_counts = [t.strip() for t in opts.threads.split(",") if t.strip()]
     server = None if opts.skip_endpoint else choose_server(opts.server)
     if opts.model_dir is None and not opts.skip_endpoint:
         opts.model_dir = tiny_mlflow_model(common.SCRATCH / "tiny-mlflow-model")
     common.print_header("Serving latency", {
-        "model_dir": str(opts.model_dir), "server": server, "workers": workers, "max_new_tokens": opts.max_new_tokens,
+        "model_dir": str(opts.model_dir), "server": server, "workers": workers, "threads": thread_counts,
+        "max_new_tokens": opts.max_new_tokens,
         "decoding": "greedy", "sequential_calls": opts.calls, "concurrency": opts.concurrency,
         "concurrent_calls": opts.concurrent_calls, "flow": not (opts.skip_flow or opts.skip_endpoint),
         "flow_engine": "fastapi", "question": QUESTION, "big": opts.big, "big_tokens": opts.big_tokens,
-        "big_layers": opts.big_layers or 32, "big_dtypes": opts.big_dtypes,
+        "big_layers": opts.big_layers or 32, "big_dtypes": opts.big_dtypes, "big_threads": opts.big_threads,
     })
 
     rows, big = [], []
@@ -350,21 +374,22 @@ def main(argv=None):
             client = Client(services.key, opts.max_new_tokens, tokenizer)
             try:
                 for count in workers:
-                    rows += measure_endpoint(opts, services, client, count)
-                    print(f"workers={count} done; load {os.getloadavg()[0]:.2f}", flush=True)
+                    for threads in thread_counts:
+                        rows += measure_endpoint(opts, services, client, count, threads)
+                        print(f"workers={count} threads={threads} done; load {os.getloadavg()[0]:.2f}", flush=True)
             except BaseException:
                 print(services.tail(), file=sys.stderr)
                 raise
             finally:
                 services.stop_all()
         print()
-        common.print_table(rows, ["workers", "target", "phase", "calls", "p50_ms", "p99_ms", "mean_ms",
+        common.print_table(rows, ["workers", "threads", "target", "phase", "calls", "p50_ms", "p99_ms", "mean_ms",
                                   "tokens_per_answer", "tokens_per_s", "answers_per_s"])
         print("(flow - endpoint rows: differences of p50 and p99; mean_ms there is the median of paired differences)")
     if opts.big:
         big = measure_big(opts)
         print()
-        common.print_table(big, ["dtype", "layers", "parameters", "prompt_tokens", "first_token_s", "per_token_s",
+        common.print_table(big, ["dtype", "threads", "layers", "parameters", "prompt_tokens", "first_token_s", "per_token_s",
                                  "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
         print(f"measured on this machine; the tutorial's deployment runs on {STANDARD_E4S_V3}")
     print(f"loadavg after: {[round(x, 2) for x in os.getloadavg()]}")

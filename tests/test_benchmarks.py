@@ -41,7 +41,7 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
     result = run_script(
         [BENCH / "bench_finetune.py", "--device", "cpu", "--model-dir", tiny_model_dir, "--max-length", length,
          "--batch-size", batch, "--warmup-steps", 1, "--steps", 2, "--repeats", 1, "--rows", 60,
-         "--settings", "tutorial,default", "--modes", "full,lora"],
+         "--settings", "tutorial,default,sdpa:bfd_rows", "--modes", "full,lora"],
         cwd=ROOT, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,7 +51,8 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
 
     runs = payload["runs"]
     assert {(r["setting"], r["mode"], r["runner"]) for r in runs} == {
-        (s, m, r) for s in ("tutorial", "default") for m in ("full", "lora") for r in ("fine_tune", "bare")
+        (s, m, r) for s in ("tutorial", "default", "sdpa:bfd_rows") for m in ("full", "lora")
+        for r in ("fine_tune", "bare")
     }
     for run in runs:
         assert 0 < run["tokens_per_step"] <= batch * length
@@ -64,9 +65,12 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
     tutorial = next(r for r in runs if r["setting"] == "tutorial")
     assert (tutorial["attn"], tutorial["packing"]) == ("eager", "wrapped")
 
-    # fine_tune.py's trainer and the bare TRL one train the same model on the same batches.
+    # fine_tune.py's trainer and the bare TRL one train the same model on the same batches, and so
+    # does bfd packing with its rows kept apart (bfd_rows) and flattened (TRL's bfd).
     for group in payload["same_model"]:
         assert group["spread"] < 1e-3, group
+    bfd = next(g for g in payload["same_model"] if g["mode"] == "full" and g["packing"] == "bfd")
+    assert {"sdpa/bfd/fine_tune", "sdpa/bfd_rows/fine_tune", "sdpa/bfd_rows/bare"} <= set(bfd["losses"])
     whats = {r["what"] for r in payload["ratios"]}
     assert "fine_tune / bare, default, full" in whats and "default / tutorial, lora, fine_tune" in whats
     assert all(r["ratio"] > 0 for r in payload["ratios"])
@@ -138,3 +142,17 @@ def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
     assert big["est_128_tokens_s"] == pytest.approx(big["first_token_s"] + 127 * big["per_token_s"])
     # The endpoint it starts writes its URI and key to a .env of the benchmark's, never the learner's.
     assert (env_file.read_text() if env_file.exists() else None) == before
+
+
+def test_per_row_collator_keeps_bfd_conversations_apart():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_finetune import PerRowPackedCollator
+
+    collator = PerRowPackedCollator(pad_token_id=0)
+    batch = collator([{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}, {"input_ids": [4, 3], "seq_lengths": [2]}])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: masks come from positions
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    # No target at a conversation's first token (it would be predicted from the previous one) or on padding.
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 3, -100, -100, -100]]
+    assert collator.last_spans == [3, 2, 2]
