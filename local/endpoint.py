@@ -141,9 +141,8 @@ def _die_with_parent():
         pass
 
 
-def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path, server: str = "auto"):
+def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path, server: str):
     """Start the server process on `model_dir`, staged under `staging`; it loads the model next."""
-    server = choose_server(server)
     print(f"Starting {server} with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
     return subprocess.Popen(
@@ -179,6 +178,7 @@ def stop(process: subprocess.Popen) -> None:
 def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", server: str = "auto") -> None:
     """Serve an MLflow model folder (default: the newest local one) until Ctrl-C or SIGTERM."""
     model_dir = check_model_dir(model_dir) if model_dir else latest_local_model()
+    server = choose_server(server)
     check_port_free(host, port)
     key = endpoint_key()
     base_url = f"http://{host}:{port}"

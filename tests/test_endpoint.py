@@ -177,3 +177,13 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--model-dir", "--port", "--host", "--server"):
         assert flag in result.stdout
+
+
+def test_without_the_azmlinfsrv_virtualenv_uvicorn_serves(tmp_path, monkeypatch):
+    from local import endpoint as local_endpoint
+
+    assert local_endpoint.choose_server("auto") == "azmlinfsrv"  # `make setup` built .venv-azmlinfsrv
+    monkeypatch.setattr(local_endpoint, "AZMLINFSRV_VENV", tmp_path / ".venv-azmlinfsrv")
+    assert local_endpoint.choose_server("auto") == "uvicorn"
+    with pytest.raises(SystemExit, match=r"\.venv-azmlinfsrv is not built; run `make setup`, or pass --server uvicorn"):
+        local_endpoint.choose_server("azmlinfsrv")
