@@ -41,9 +41,11 @@ def load_config(tmp_path, monkeypatch):
         return importlib.reload(config)
 
     yield load
-    for name in CONFIG_VARIABLES:  # save_settings() exports what it writes
-        os.environ.pop(name, None)
     monkeypatch.undo()
+    # Reloading loaded .env into the environment and save_settings() exported what it wrote;
+    # the session has none of these set (conftest clears them).
+    for name in CONFIG_VARIABLES:
+        os.environ.pop(name, None)
     importlib.reload(config)
 
 
