@@ -379,9 +379,16 @@ def summarise(rows, settings, modes, runners):
     ratios = []
     for setting in settings:
         for mode in modes:
-            ft_, bare = tps(setting.name, mode, "fine_tune"), tps(setting.name, mode, "bare")
-            if ft_ and bare:
-                ratios.append({"what": f"fine_tune / bare, {setting.name}, {mode}", "ratio": ft_ / bare})
+            # Paired: the two runners of one repeat run back to back, under the same load.
+            paired = []
+            for repeat in sorted({r["repeat"] for r in rows}):
+                ft_ = [r for r in pick(setting.name, mode, "fine_tune") if r["repeat"] == repeat]
+                bare = [r for r in pick(setting.name, mode, "bare") if r["repeat"] == repeat]
+                if ft_ and bare:
+                    paired.append(ft_[0]["tokens_per_s_med"] / bare[0]["tokens_per_s_med"])
+            if paired:
+                ratios.append({"what": f"fine_tune / bare, {setting.name}, {mode}", "ratio": common.median(paired),
+                               "per_repeat": [round(x, 3) for x in paired]})
     names = [s.name for s in settings]
     if "tutorial" in names:
         for setting in settings:
@@ -483,18 +490,21 @@ def main(argv=None):
         tokenizer = transformers.AutoTokenizer.from_pretrained(opts.model_dir)
         data = ft.load_and_preprocess_data(str(work / "train.jsonl"), str(work / "test.jsonl"), tokenizer)
         rows = []
+        pairs = [(setting, mode) for setting in settings for mode in modes]
         for repeat in range(opts.repeats):
-            for setting in settings:
-                for mode in modes:
-                    order = runners if repeat % 2 == 0 else runners[::-1]
-                    for runner in order:
-                        row = bench.run(setting, mode, runner, data)
-                        row["repeat"] = repeat
-                        rows.append(row)
-                        print(f"run {len(rows)}: {setting.name} ({setting.attn}, {setting.strategy}) {mode} {runner}: "
-                              f"{row['tokens_per_s']:,.0f} tokens/s, step {row['step_s']:.3f} s, "
-                              f"MFU {row['mfu_pct']:.2f}%, loss {row['loss']:.4f}, load {os.getloadavg()[0]:.2f}",
-                              flush=True)
+            # Each repeat starts one (setting, mode) later and flips the runners, so that a burst of
+            # load from elsewhere does not always land on the same candidate.
+            shift = repeat % len(pairs)
+            for setting, mode in pairs[shift:] + pairs[:shift]:
+                order = runners if repeat % 2 == 0 else runners[::-1]
+                for runner in order:
+                    row = bench.run(setting, mode, runner, data)
+                    row["repeat"] = repeat
+                    rows.append(row)
+                    print(f"run {len(rows)}: {setting.name} ({setting.attn}, {setting.strategy}) {mode} {runner}: "
+                          f"{row['tokens_per_s']:,.0f} tokens/s, step {row['step_s']:.3f} s, "
+                          f"MFU {row['mfu_pct']:.2f}%, loss {row['loss']:.4f}, load {os.getloadavg()[0]:.2f}",
+                          flush=True)
 
     table, ratios, same = summarise(rows, settings, modes, runners)
     print("\nMedian over repeats:")
@@ -506,8 +516,9 @@ def main(argv=None):
     common.print_table(table, columns)
     print("\ntokens_per_s: tokens / wall time of the measured steps; tokens_per_s_med: tokens per step / median "
           "step time (robust to other processes' bursts on a shared CPU; the ratios below use it)")
-    print("\nRatios of tokens/s (tokens_per_s_med):")
-    common.print_table(ratios, ["what", "ratio"])
+    print("\nRatios of tokens/s (tokens_per_s_med; fine_tune / bare: median of the per-repeat ratios of runs "
+          "made back to back):")
+    common.print_table(ratios, ["what", "ratio", "per_repeat"])
     if same:
         print("\nSame model? Mean training loss of runs that differ only in runner, attention kernel or batch layout:")
         common.print_table(same, ["mode", "packing", "losses", "spread"])

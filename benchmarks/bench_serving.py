@@ -40,7 +40,8 @@ from benchmarks import common  # noqa: E402
 ROOT = common.ROOT
 QUESTION = "Who founded Microsoft?"
 REQUEST_LIMIT_S = 180  # the deployment's request_timeout_ms (the tutorial's 180000)
-STANDARD_E4S_V3 = "Standard_E4s_v3: 4 vCPUs (2 cores, Intel Xeon 8171M/8272CL: AVX-512, no bf16 instructions), 32 GiB"
+STANDARD_E4S_V3 = ("Standard_E4s_v3: 4 vCPUs (2 hyper-threaded cores of a Broadwell-to-Ice-Lake Xeon, no bf16 "
+                   "instructions), 32 GiB")
 
 
 def parse_args(argv=None):
