@@ -33,6 +33,7 @@ Each run trains warm-up + measured steps; the figures cover the measured steps o
 """
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -336,7 +337,8 @@ class Bench:
         }
         if self.cuda:
             row["gpu_max_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        del trainer, base
+        del trainer, base, result
+        gc.collect()  # the trainer, its optimizer and callbacks form cycles: free them before the next run
         if self.cuda:
             torch.cuda.empty_cache()
         return row
