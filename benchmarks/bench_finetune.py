@@ -84,7 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--settings", default="tutorial,default",
                         help="comma-separated: tutorial (eager + wrapped packing), default (FineTuneArguments' "
                              "attn_implementation + packing_strategy) or ATTN:STRATEGY, e.g. sdpa:bfd_split; "
-                             "STRATEGY bfd_rows is bfd with the packed rows kept apart (see PerRowPackedCollator)")
+                             "with bfd, fine_tune.py keeps packed rows apart (finetuning_dir/packed_rows.py; bfd_rows "
+                             "is an alias); bfd_flat is TRL's own flattened padding-free batch")
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--runners", default="fine_tune,bare", help="comma-separated: fine_tune, bare")
     parser.add_argument("--max-length", type=int, help="sequence length (default: 2048, the tutorial's, on GPU; 512 on CPU)")
@@ -131,42 +132,6 @@ class StepClock:
 
             torch.cuda.synchronize()
         return time.perf_counter()
-
-
-class PerRowPackedCollator:
-    """bfd-packed rows kept as rows (the "bfd_rows" strategy, not one of TRL's; fine_tune.py lacks it).
-
-    TRL's bfd strategy flattens the whole batch into one padding-free row: a kernel that reads
-    sequence boundaries (flash_attention_2) attends within each conversation cheaply, but sdpa and
-    eager build one (batch*max_length)^2 mask, batch times the attention work of separate rows. This
-    collator pads the packed rows to [batch, longest row] instead, with position_ids restarting at
-    each conversation and no attention_mask, from which transformers masks attention to each
-    conversation; padding gets position 0 and label -100 (a one-token sequence of its own). The
-    tokens, targets and attention pattern are bfd's, so it trains the same model.
-    """
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-        self.last_spans = None
-
-    def __call__(self, examples):
-        import torch
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(
-            [e["seq_lengths"] for e in examples])
-        width = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), -100, dtype=torch.long)
-        position_ids = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, (example, position) in enumerate(zip(examples, positions)):
-            n = len(example["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(example["input_ids"])
-            labels[i, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
-            position_ids[i, :n] = position
-        labels[position_ids == 0] = -100  # as TRL's padding-free: no target across a conversation boundary
-        self.last_spans = [s for e in examples for s in e["seq_lengths"]]
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 class BatchMeter:
@@ -217,7 +182,7 @@ class Bench:
             lora=mode == "lora",
             attn_implementation=setting.attn,
             packing=True,
-            packing_strategy="bfd" if setting.strategy == "bfd_rows" else setting.strategy,
+            packing_strategy="bfd" if setting.strategy in ("bfd_rows", "bfd_flat") else setting.strategy,
             gradient_checkpointing=not o.no_gradient_checkpointing,
             checkpoint_dir=str(self.work / "checkpoints"),
         )
@@ -292,8 +257,14 @@ class Bench:
             trainer, base = self.fine_tune_trainer(args, *data)
         else:
             trainer, base = self.bare_trainer(args, data[0])
-        if setting.strategy == "bfd_rows":
-            trainer.data_collator = PerRowPackedCollator(trainer.processing_class.pad_token_id)
+        pad = trainer.processing_class.pad_token_id
+        if setting.strategy == "bfd_flat":  # TRL's own padding-free batches: one flattened row per step
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+            trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
+        elif self.ft.batch_collator(args, trainer.processing_class) is not None:
+            # As fine_tune.py sets it after building its trainer; the bare run gets it too (same configuration).
+            trainer.data_collator = self.ft.batch_collator(args, trainer.processing_class)
         needed = o.batch_size * args.max_steps
         if len(trainer.train_dataset) < needed:
             raise SystemExit(
@@ -401,10 +372,10 @@ def summarise(rows, settings, modes, runners):
                     a, b = tps(setting.name, mode, runner), tps("tutorial", mode, runner)
                     if a and b:
                         ratios.append({"what": f"{setting.name} / tutorial, {mode}, {runner}", "ratio": a / b})
-    # Same model? Runs that differ only in runner, attention kernel or batch layout (bfd vs bfd_rows)
+    # Same model? Runs that differ only in runner, attention kernel or batch layout (bfd vs bfd_flat)
     # must reach the same loss.
     def family(strategy):
-        return "bfd" if strategy == "bfd_rows" else strategy
+        return "bfd" if strategy in ("bfd_rows", "bfd_flat") else strategy
 
     same = []
     for mode in modes:

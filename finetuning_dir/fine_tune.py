@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from trl import SFTConfig, SFTTrainer
 
 from chat_data import ChatDataError, check_jsonl_file
+from packed_rows import PerRowPackedCollator
 
 logging.basicConfig(
     format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -193,6 +194,13 @@ def lora_config(args: FineTuneArguments):
     )
 
 
+def batch_collator(args: FineTuneArguments, tokenizer):
+    """Packed rows kept apart for sdpa/eager (see packed_rows.py); None leaves TRL's own collator."""
+    if args.packing and args.packing_strategy == "bfd" and args.attn_implementation != "flash_attention_2":
+        return PerRowPackedCollator(tokenizer.pad_token_id)
+    return None
+
+
 def chat_prompt_template(tokenizer) -> str:
     """The model's own chat template around a single user turn, as an MLflow prompt template."""
     marker = "PROMPT_MARKER"
@@ -235,6 +243,9 @@ def train_and_evaluate_model(args, train_dataset, test_dataset, model, tokenizer
         peft_config=lora_config(args),
         callbacks=[LogMetricsToMlflow()],
     )
+    collator = batch_collator(args, tokenizer)
+    if collator is not None:  # set afterwards: TRL refuses a custom collator with bfd's padding-free flag
+        trainer.data_collator = collator
 
     if is_main_process():
         logger.info("Training on %d process(es), device %s", trainer.args.world_size, trainer.args.device)

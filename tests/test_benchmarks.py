@@ -41,7 +41,7 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
     result = run_script(
         [BENCH / "bench_finetune.py", "--device", "cpu", "--model-dir", tiny_model_dir, "--max-length", length,
          "--batch-size", batch, "--warmup-steps", 1, "--steps", 2, "--repeats", 1, "--rows", 60,
-         "--settings", "tutorial,default,sdpa:bfd_rows", "--modes", "full,lora"],
+         "--settings", "tutorial,default,sdpa:bfd_flat", "--modes", "full,lora"],
         cwd=ROOT, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,7 +51,7 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
 
     runs = payload["runs"]
     assert {(r["setting"], r["mode"], r["runner"]) for r in runs} == {
-        (s, m, r) for s in ("tutorial", "default", "sdpa:bfd_rows") for m in ("full", "lora")
+        (s, m, r) for s in ("tutorial", "default", "sdpa:bfd_flat") for m in ("full", "lora")
         for r in ("fine_tune", "bare")
     }
     for run in runs:
@@ -66,11 +66,11 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
     assert (tutorial["attn"], tutorial["packing"]) == ("eager", "wrapped")
 
     # fine_tune.py's trainer and the bare TRL one train the same model on the same batches, and so
-    # does bfd packing with its rows kept apart (bfd_rows) and flattened (TRL's bfd).
+    # does bfd packing with its rows kept apart (fine_tune.py's default) and flattened (TRL's own).
     for group in payload["same_model"]:
         assert group["spread"] < 1e-3, group
     bfd = next(g for g in payload["same_model"] if g["mode"] == "full" and g["packing"] == "bfd")
-    assert {"sdpa/bfd/fine_tune", "sdpa/bfd_rows/fine_tune", "sdpa/bfd_rows/bare"} <= set(bfd["losses"])
+    assert {"sdpa/bfd/fine_tune", "sdpa/bfd/bare", "sdpa/bfd_flat/fine_tune", "sdpa/bfd_flat/bare"} <= set(bfd["losses"])
     whats = {r["what"] for r in payload["ratios"]}
     assert "fine_tune / bare, default, full" in whats and "default / tutorial, lora, fine_tune" in whats
     assert all(r["ratio"] > 0 for r in payload["ratios"])
@@ -146,7 +146,7 @@ def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
 
 def test_per_row_collator_keeps_bfd_conversations_apart():
     sys.path.insert(0, str(ROOT))
-    from benchmarks.bench_finetune import PerRowPackedCollator
+    from finetuning_dir.packed_rows import PerRowPackedCollator
 
     collator = PerRowPackedCollator(pad_token_id=0)
     batch = collator([{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}, {"input_ids": [4, 3], "seq_lengths": [2]}])
