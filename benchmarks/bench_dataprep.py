@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
+from local.sample_chats import write_jsonl  # noqa: E402
 
 TUTORIAL_NUM_PROC = 10
 SUBSET_ROWS = 2080  # 1% of train_sft's 207,865 conversations, rounded up as datasets' slicing does
@@ -79,8 +80,8 @@ def main(argv=None):
     map_times = {c: [] for c in candidates}
     with tempfile.TemporaryDirectory(dir=common.SCRATCH) as tmp:
         work = Path(tmp)
-        train = common.write_jsonl(rows[:cut], work / "train.jsonl")
-        test = common.write_jsonl(rows[cut:], work / "test.jsonl")
+        train = write_jsonl(rows[:cut], work / "train.jsonl")
+        test = write_jsonl(rows[cut:], work / "test.jsonl")
         in_memory = datasets.Dataset.from_list(rows[:cut])
         run = 0
         for repeat in range(opts.repeats):

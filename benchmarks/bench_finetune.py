@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
+from local.sample_chats import write_jsonl  # noqa: E402
 
 TUTORIAL = ("eager", "wrapped")  # attn_implementation="eager", TRL 0.8 packing=True (ConstantLengthDataset)
 
@@ -456,8 +457,8 @@ def main(argv=None):
 
         mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
         mlflow.search_experiments()  # create the store now, not inside the first run
-        common.write_jsonl(common.synthetic_chats(opts.rows, seed=0), work / "train.jsonl")
-        common.write_jsonl(common.synthetic_chats(16, seed=1), work / "test.jsonl")
+        write_jsonl(common.synthetic_chats(opts.rows, seed=0), work / "train.jsonl")
+        write_jsonl(common.synthetic_chats(16, seed=1), work / "test.jsonl")
         bench = Bench(opts, ft, work)
         # fine_tune.py's own data preparation, once: both runners train on the very same text.
         tokenizer = transformers.AutoTokenizer.from_pretrained(opts.model_dir)

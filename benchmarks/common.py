@@ -247,14 +247,6 @@ def synthetic_chats(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 # microsoft/Phi-3.5-mini-instruct's config.json (the values that shape compute), for a model of its
 # size built with random weights where the real one cannot be downloaded.
 PHI35_MINI_CONFIG = {
