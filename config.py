@@ -12,17 +12,23 @@ import re
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv, set_key
+from dotenv import dotenv_values, set_key
 
 PROJECT_DIR = Path(__file__).resolve().parent
 ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
 
-# The environment wins over .env, so a one-off `VAR=... python script.py` always takes effect.
-load_dotenv(ENV_FILE, override=False)
+
+def _read_env_file() -> dict:
+    return dotenv_values(ENV_FILE) if ENV_FILE.is_file() else {}
+
+
+# Read, not exported: .env's values never leak into the environment of the processes we start.
+_ENV_FILE_VALUES = _read_env_file()
 
 
 def _setting(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+    # The environment wins over .env, so a one-off `VAR=... python script.py` always takes effect.
+    return os.environ.get(name) or _ENV_FILE_VALUES.get(name) or default
 
 
 # Azure settings
@@ -95,6 +101,14 @@ def require(*names: str) -> None:
     for name in names:
         if is_placeholder(globals()[name]):
             sys.exit(placeholder_error(name))
+
+
+def current_setting(name: str, default: str = "") -> str:
+    """A setting as it is now: the environment, else .env read again from disk, else its default.
+
+    For long-running processes (the Prompt flow) that must see a .env rewritten after they started.
+    """
+    return os.environ.get(name) or _read_env_file().get(name) or globals().get(name, default)
 
 
 def save_settings(**settings: str) -> Path:

@@ -17,28 +17,18 @@ exactly as to an Azure ML managed online endpoint (the local endpoint of `python
 
 import asyncio
 import logging
-import os
 import platform
 
 import requests
-from dotenv import dotenv_values
 from promptflow.core import tool
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+import config
+
 SETTINGS = (
     "AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", "AZURE_ML_REQUEST_TIMEOUT", "AZURE_ML_TEMPERATURE", "AZURE_ML_MAX_NEW_TOKENS"
 )
-# What the environment held before config.py loaded .env into it: an exported variable wins
-# over .env, and .env is re-read at each question (see read_settings).
-_before_dotenv = {name: os.environ[name] for name in SETTINGS if os.environ.get(name)}
-
-import config  # noqa: E402  (after the snapshot above)
-
-# Prompt flow imports this file more than once in one process (to read the tool's signature,
-# then to run it); only the first import saw the environment before config.py loaded .env, so
-# its snapshot is kept on the config module, which is imported only once.
-_EXPORTED = config.__dict__.setdefault("_exported_before_dotenv", _before_dotenv)
 
 logging.basicConfig(
     format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -76,9 +66,8 @@ class EndpointError(RuntimeError):
 
 
 def read_settings() -> dict:
-    """Each setting: an exported variable, else .env as it is now, else config's value (a placeholder)."""
-    from_file = dotenv_values(config.ENV_FILE) if config.ENV_FILE.exists() else {}
-    return {name: _EXPORTED.get(name) or from_file.get(name) or getattr(config, name, "") for name in SETTINGS}
+    """Each setting as it is now: exported, else in .env (read again at each question), else config's."""
+    return {name: config.current_setting(name) for name in SETTINGS}
 
 
 def number_setting(settings: dict, name: str, default, kind, is_valid, rule: str):

@@ -120,3 +120,14 @@ def test_no_secret_or_env_file_is_tracked():
     example = (ROOT / ".env.example").read_text()
     for name in TUTORIAL_DEFAULTS:
         assert name in example, name
+
+
+def test_env_file_is_read_not_exported_and_can_be_read_again(load_config, tmp_path, monkeypatch):
+    config = load_config(dotenv="AZURE_ML_ENDPOINT=http://old/score\n")
+    assert "AZURE_ML_ENDPOINT" not in os.environ, "processes the scripts start must not inherit .env"
+    (tmp_path / ".env").write_text("AZURE_ML_ENDPOINT=http://new/score\n")
+    assert config.AZURE_ML_ENDPOINT == "http://old/score"  # read once, at import
+    assert config.current_setting("AZURE_ML_ENDPOINT") == "http://new/score"  # what the flow asks each time
+    monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://exported/score")
+    assert config.current_setting("AZURE_ML_ENDPOINT") == "http://exported/score"
+    assert config.current_setting("AZURE_ML_TEMPERATURE") == ""

@@ -207,7 +207,12 @@ def ask(monkeypatch):
     import integrate_with_promptflow as tool
 
     def ask_with(url, question=QUESTION, chat_history=None, **settings):
-        monkeypatch.setattr(tool, "_EXPORTED", {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": "k", **settings})
+        exported = {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": "k", **settings}
+        for name in tool.SETTINGS:
+            if exported.get(name):
+                monkeypatch.setenv(name, exported[name])
+            else:
+                monkeypatch.delenv(name, raising=False)
         return tool.my_python_tool(question, chat_history)
 
     return ask_with
