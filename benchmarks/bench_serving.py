@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
+from local.endpoint import stop  # noqa: E402
 
 ROOT = common.ROOT
 QUESTION = "Who founded Microsoft?"
@@ -112,16 +113,6 @@ def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 30
             pass
         time.sleep(0.3)
     raise SystemExit(f"bench_serving.py: {what} did not answer {url} within {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Services:
