@@ -5,7 +5,9 @@ By default this creates the tutorial's resources and submits its job:
   - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, eastus2, Dedicated, 0..1 nodes),
     reused when it exists;
   - a command job running finetuning_dir/fine_tune.py on TRAIN_DATA_PATH / TEST_DATA_PATH,
-    whose `model_output` output (an MLflow model) deploy_model.py registers.
+    whose `model_output` output (an MLflow model) deploy_model.py registers. It runs one process
+    per GPU of each node (taken from Azure's list of VM sizes), and writes no trainer
+    checkpoints: they would land on the node's disk, which is gone when the job ends.
 The job name and its studio URL are printed, and the name is recorded in .env as
 AZURE_ML_JOB_NAME so that deploy_model.py finds it. Logs are streamed until the job ends.
 
@@ -61,6 +63,13 @@ CPU_PROFILE = ComputeProfile(
 logger = logging.getLogger("setup_ml")
 
 
+# A checkpoint of a full fine-tune is the fp32 weights and AdamW's two moments (~46 GB for
+# Phi-3.5-mini). In a job it would sit on the node's local disk, which is discarded when the job
+# ends, so nothing could ever resume from it: the job turns checkpoints off (`-- --save-steps 500`
+# turns them back on, into fine_tune.py's `checkpoints/`, which is not uploaded as ./outputs is).
+JOB_FLAGS = ("--save-steps", "0")
+
+
 def fine_tune_command(train_file: str, eval_file: str, model_output_dir: str, extra_args=()) -> list[str]:
     """The fine_tune.py command line, the same for the Azure job and the local run."""
     return [
@@ -109,15 +118,26 @@ def create_or_get_compute_cluster(ml_client, compute_name, instance_type, locati
     return compute_cluster
 
 
-def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=()):
+def gpus_per_node(ml_client, compute_cluster) -> int:
+    """GPUs of one node of the cluster, from Azure's list of the VM sizes of its region (0 for CPU sizes)."""
+    for size in ml_client.compute.list_sizes(location=compute_cluster.location):
+        if size.name.lower() == compute_cluster.size.lower():
+            return size.gpus or 0
+    print(f"VM size {compute_cluster.size} is not in {compute_cluster.location}'s list of sizes; "
+          "running one process per node")
+    return 0
+
+
+def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1):
     """
     Set up the fine-tuning job in Azure ML.
     """
     # Only the user's extra flags are shell-quoted: quoting would break the ${{...}} placeholders.
     job_command = " ".join(
-        fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}")
+        fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}", JOB_FLAGS)
         + [shlex.quote(arg) for arg in extra_args]
     )
+    distributed = instance_count * processes_per_node > 1
     return command(
         code=str(FINETUNING_DIR),  # Folder of fine_tune.py
         command=job_command,
@@ -132,8 +152,8 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=()):
         # Declared as an MLflow model so registration does not depend on where MLflow puts artifacts.
         outputs={"model_output": Output(type="mlflow_model")},
         instance_count=instance_count,
-        # One process per node (one A100 each); each gets RANK/WORLD_SIZE, which the trainer uses.
-        distribution=PyTorchDistribution(process_count_per_instance=1) if instance_count > 1 else None,
+        # One process per GPU; each gets RANK/LOCAL_RANK/WORLD_SIZE, which the trainer uses.
+        distribution=PyTorchDistribution(process_count_per_instance=processes_per_node) if distributed else None,
     )
 
 
@@ -168,8 +188,10 @@ def run_on_azure(args, extra_args):
     ml_client = get_ml_client()
 
     env = create_or_get_environment(ml_client, profile.docker_image)
-    create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
-    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args)
+    cluster = create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
+    processes = max(1, gpus_per_node(ml_client, cluster))
+    print(f"Training on {args.instance_count} node(s) of {cluster.size}, {processes} process(es) per node (one per GPU)")
+    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes)
     return submit_and_stream(ml_client, job, stream=not args.no_stream)
 
 
@@ -192,8 +214,10 @@ def run_locally(args, extra_args) -> Path:
     )
     cmd[0] = sys.executable
     env = {**os.environ}
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{LOCAL_OUTPUTS / 'mlflow.db'}")
-    LOCAL_OUTPUTS.mkdir(exist_ok=True)
+    if "MLFLOW_TRACKING_URI" not in env:  # a store of the learner's own wins
+        from local import mlflow_store
+
+        env.update(mlflow_store.prepare(LOCAL_OUTPUTS / "mlflow.db", LOCAL_OUTPUTS / "mlartifacts"))
     print(f"Running locally in {FINETUNING_DIR.name}/: {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=FINETUNING_DIR, env=env).returncode != 0:
         sys.exit("setup_ml.py: local fine-tuning failed (see the messages above)")
@@ -206,7 +230,9 @@ def parse_args(argv=None):
     parser.add_argument("--cpu", action="store_true", help="use the tutorial's CPU profile: Standard_E16s_v3 "
                         "cluster 'cpu-e16s-v3' with the openmpi4.1.0-ubuntu20.04 image")
     parser.add_argument("--compute-name", help="compute cluster name (default: gpu-nc24s-a100-v4, or cpu-e16s-v3 with --cpu)")
-    parser.add_argument("--compute-size", help="VM size (default: Standard_NC24ads_A100_v4, or Standard_E16s_v3 with --cpu)")
+    parser.add_argument("--compute-size", help="VM size of a new cluster (default: Standard_NC24ads_A100_v4, or "
+                        "Standard_E16s_v3 with --cpu); a size with several GPUs, e.g. Standard_NC96ads_A100_v4, "
+                        "runs one training process per GPU")
     parser.add_argument("--location", default="eastus2", help="region of a new compute cluster (default: eastus2)")
     parser.add_argument("--instance-count", type=int, default=1,
                         help="nodes to train on with PyTorch distribution; the cluster's max_instances follows (default: 1)")

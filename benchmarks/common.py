@@ -31,6 +31,7 @@ def setup_env() -> Path:
         "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(SCRATCH / "hf"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{SCRATCH / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "PF_HOME_DIRECTORY": str(SCRATCH / "promptflow"),
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",

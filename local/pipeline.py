@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from local import pf_home
+from local import mlflow_store, pf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
@@ -127,7 +127,8 @@ def main(argv=None):
     parser.add_argument("--keep-endpoint", action="store_true",
                         help="leave the local endpoint running at the end, ready for `pf flow serve`")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{OUTPUTS / 'mlflow.db'}")
+    if "MLFLOW_TRACKING_URI" not in os.environ:  # a store of the learner's own wins
+        os.environ.update(mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts"))
     OUTPUTS.mkdir(exist_ok=True)
 
     try:

@@ -7,6 +7,7 @@ never in `~` or the working tree.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "finetuning_dir"))  # fine_tune.py's own imports (evaluate_model, chat_data)
 
 from local import sample_chats, tiny_phi3  # noqa: E402
 from local.tiny_phi3 import TINY_TRAINING_FLAGS  # noqa: E402,F401
@@ -39,14 +41,18 @@ def pytest_configure(config):
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         HF_HOME=str(scratch / "hf"),
-        MLFLOW_TRACKING_URI=f"sqlite:///{scratch / 'mlflow.db'}",
         PF_HOME_DIRECTORY=str(scratch / "promptflow"),
+        MLFLOW_DISABLE_TELEMETRY="true",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
-    # Each run of the suite starts from an empty env file and store.
+    # Each run of the suite starts from an empty env file and MLflow store, with artifacts in scratch.
     for stale in (scratch / "absent.env", scratch / "mlflow.db"):
         stale.unlink(missing_ok=True)
+    shutil.rmtree(scratch / "mlartifacts", ignore_errors=True)
+    from local import mlflow_store
+
+    os.environ.update(mlflow_store.prepare(scratch / "mlflow.db", scratch / "mlartifacts"))
 
 
 def run_script(args, cwd, env=None, timeout=600):
@@ -89,6 +95,16 @@ def fine_tune(model_dir, train, test, out, *flags, cwd=None):
          "--eval-file", test, "--model_output_dir", out, "--checkpoint_dir", cwd / "checkpoints", *flags],
         cwd=cwd,
     )
+
+
+@pytest.fixture(scope="session")
+def learning_setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(model, train, test) for runs at the tutorial's learning rate: a wider tiny Phi-3 (hidden 256,
+    2 layers; AdamW's lr-sized steps move its outputs enough to see in ~120 steps) and 800/200 chats."""
+    folder = tmp_path_factory.mktemp("learning")
+    model = tiny_phi3.build(folder / "model", hidden_size=256, layers=2)
+    rows = sample_chats.make_rows(1000, seed=1)
+    return model, write_jsonl(folder / "train.jsonl", rows[:800]), write_jsonl(folder / "test.jsonl", rows[800:])
 
 
 @pytest.fixture(scope="session")

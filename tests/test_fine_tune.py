@@ -1,9 +1,13 @@
-"""finetuning_dir/fine_tune.py, run for real on a tiny Phi-3 model, and its model-folder contract."""
+"""finetuning_dir/fine_tune.py, run for real on a tiny Phi-3 model: its model-folder contract, that
+it learns at the tutorial's settings, its precision, and the evaluation every run reports."""
 
 import json
+import math
+import re
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import ROOT, TINY_TRAINING_FLAGS, fine_tune, run_script, write_jsonl
 
 QUESTION = "Who founded Microsoft?"
+SUMMARY = re.compile(r"test loss (\d+\.\d{3}) → (\d+\.\d{3}) \(perplexity (\S+) → (\S+)\)")
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +79,154 @@ def test_sampling_params_are_passed_to_generation(pyfunc_model):
 def test_losses_and_throughput_go_to_mlflow(fine_tuned_model):
     client, run = run_metrics(str(fine_tuned_model))
     metrics = run.data.metrics
-    for name in ("loss", "eval_loss", "train_loss", "train_tokens_per_second", "train_runtime"):
+    for name in ("loss", "eval_loss", "base_eval_loss", "eval_perplexity", "base_eval_perplexity", "train_loss",
+                 "train_tokens_per_second", "train_runtime"):
         assert name in metrics, name
     assert metrics["train_tokens_per_second"] > 0
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0] / 2
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert run.data.params["learning_rate"] == "0.01"
 
 
-def test_higher_learning_rate_learns_more(tmp_path, tiny_model_dir, chat_files, fine_tuned_model):
-    # The tutorial's 5e-6 barely moves a tiny model; the local profile's 1e-2 does.
-    flags = [f for f in TINY_TRAINING_FLAGS]
-    flags[flags.index("--learning-rate") + 1] = "5e-6"
-    out = tmp_path / "model"
-    result = fine_tune(tiny_model_dir, *chat_files, out, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _, slow = run_metrics(str(out))
-    _, fast = run_metrics(str(fine_tuned_model))
-    assert fast.data.metrics["eval_loss"] < slow.data.metrics["eval_loss"] - 1.0
+@pytest.fixture(scope="module")
+def default_run(learning_setup, tmp_path_factory):
+    """fine_tune.py at the tutorial's settings (lr 5e-6, 20% warm-up, cosine, 3 epochs, batch 4): only the
+    sequence length is shortened, to the tiny model's chats."""
+    model, train, test = learning_setup
+    out = tmp_path_factory.mktemp("default-run") / "model"
+    result = fine_tune(model, train, test, out, "--max-length", "256", "--eval-questions", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_the_tutorials_defaults_learn(default_run):
+    # At lr 5e-6 the tutorial's bf16 weights kept ~7% of AdamW's updates and the test loss moved ~0.03
+    # on a model of this size; with fp32 weights every update lands.
+    out, result = default_run
+    client, run = run_metrics(str(out))
+    metrics, params = run.data.metrics, run.data.params
+    assert params["learning_rate"] == "5e-06" and params["warmup"] == "0.2" and params["epochs"] == "3"
+    assert metrics["eval_loss"] < metrics["base_eval_loss"] - 0.3, metrics
+    # The run ends with the line a person reads, made of the logged figures.
+    last = result.stdout.strip().splitlines()[-1]
+    found = SUMMARY.search(last)
+    assert found, last
+    assert float(found.group(1)) == pytest.approx(metrics["base_eval_loss"], abs=6e-4)
+    assert float(found.group(2)) == pytest.approx(metrics["eval_loss"], abs=6e-4)
+    assert run.data.tags["evaluation"] == found.group(0)
+    # Full fine-tuning trains fp32 weights whichever precision "auto" picks here.
+    assert re.search(r"precision (fp32|bf16-mixed) \(weights torch.float32\)", result.stdout)
+
+
+def test_every_run_answers_eval_questions_before_and_after(default_run, learning_setup):
+    out, result = default_run
+    client, run = run_metrics(str(out))
+    path = client.download_artifacts(run.info.run_id, "eval_answers.json", str(out.parent))
+    table = json.loads(open(path).read())
+    assert table["columns"] == ["question", "reference", "base model", "fine-tuned"]
+    rows = [json.loads(line) for line in learning_setup[2].read_text().splitlines()[:2]]
+    assert [r[0] for r in table["data"]] == [row["messages"][0]["content"] for row in rows]
+    assert [r[1] for r in table["data"]] == [row["messages"][1]["content"] for row in rows]
+    # Both models answered, and the log shows the same answers side by side.
+    for question, reference, base, tuned in table["data"]:
+        assert f"Q: {question}" in result.stdout
+        assert f"fine-tuned: {tuned}" in result.stdout and f"base model: {base}" in result.stdout
+    assert "Answers to 2 questions of the eval file (greedy, before and after fine-tuning)" in result.stdout
+
+
+def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, learning_setup, tmp_path):
+    out, result = default_run
+    model, _, test = learning_setup
+    evaluated = run_script(
+        [ROOT / "finetuning_dir" / "evaluate_model.py", "--model", out, "--baseline", model, "--eval-file", test,
+         "--max-length", "256", "--questions", "1"],
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    # The same trainer, data and model: the same figures as the run's own line.
+    run_line = SUMMARY.search(result.stdout.strip().splitlines()[-1]).group(0)
+    assert evaluated.stdout.strip().splitlines()[-1] == run_line
+    assert "baseline:" in evaluated.stdout and "model:" in evaluated.stdout
+    assert not list(tmp_path.iterdir()), "the evaluation writes nothing"
+
+    alone = run_script([ROOT / "finetuning_dir" / "evaluate_model.py", "--model", model, "--eval-file", test,
+                        "--max-length", "256", "--questions", "0"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert re.fullmatch(r"test loss (\d+\.\d{3}) \(perplexity \S+\)", alone.stdout.strip().splitlines()[-1])
+    assert alone.stdout.strip().splitlines()[-1].split()[2] == run_line.split()[2]
+
+
+def test_the_evaluation_explains_its_flags_and_refuses_bad_input(tmp_path):
+    script = ROOT / "finetuning_dir" / "evaluate_model.py"
+    help_text = run_script([script, "--help"], cwd=tmp_path)
+    assert help_text.returncode == 0
+    for flag in ("--model", "--baseline", "--eval-file", "--questions", "--max-new-tokens", "--max-length",
+                 "--batch-size", "--precision"):
+        assert flag in help_text.stdout, flag
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [\n')
+    result = run_script([script, "--model", tmp_path, "--eval-file", bad], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"evaluate_model.py: {bad}: line 1 is not valid JSON (Expecting value); each line must be one JSON object"
+    )
+    result = run_script([script, "--model", tmp_path / "no-model", "--eval-file", ROOT / "tests" / "nope.jsonl"],
+                        cwd=tmp_path)
+    assert result.stderr.strip().startswith("evaluate_model.py: ") and "no such file" in result.stderr
+
+
+# Precision: what the trainer is built with, checked on fine_tune.py's own functions.
+
+
+@pytest.fixture
+def ft(monkeypatch):
+    import fine_tune
+
+    return fine_tune
+
+
+def built_trainer(ft, model_dir, chat_files, tmp_path, **options):
+    args = ft.FineTuneArguments(model_name=str(model_dir), train_file=str(chat_files[0]), eval_file=str(chat_files[1]),
+                                max_length=256, checkpoint_dir=str(tmp_path / "checkpoints"), **options)
+    model, tokenizer = ft.load_model(args)
+    train, test = ft.load_and_preprocess_data(args.train_file, args.eval_file, tokenizer)
+    return args, ft.build_trainer(args, model, tokenizer, train, test)
+
+
+def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(ft, tiny_model_dir, chat_files, tmp_path):
+    args, trainer = built_trainer(ft, tiny_model_dir, chat_files, tmp_path, precision="bf16-mixed", max_steps=3)
+    assert trainer.args.bf16 is True  # matmuls in bf16 (autocast) ...
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # ... on fp32 weights
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()  # three steps at the tutorial's lr 5e-6
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert len(moved) == len(before), "every weight takes AdamW's small steps"
+    # Several GPUs: DDP must not copy the fp32 gradients into buckets of their own.
+    assert trainer.accelerator.ddp_handler.gradient_as_bucket_view is True
+
+
+def test_lora_trains_fp32_adapters_on_a_bf16_base(ft, tiny_model_dir, chat_files, tmp_path):
+    args, trainer = built_trainer(ft, tiny_model_dir, chat_files, tmp_path, precision="bf16-mixed", lora=True)
+    trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    assert set(frozen.values()) == {torch.bfloat16}
+
+
+def test_the_tutorials_bf16_weights_stay_available_and_auto_follows_the_hardware(ft, tiny_model_dir, chat_files,
+                                                                                  tmp_path, monkeypatch):
+    _, trainer = built_trainer(ft, tiny_model_dir, chat_files, tmp_path, precision="bf16")
+    assert trainer.args.bf16 and {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    _, trainer = built_trainer(ft, tiny_model_dir, chat_files, tmp_path, precision="fp32")
+    assert not trainer.args.bf16 and {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(ft, "native_bf16", lambda: True)
+    assert ft.resolve_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(ft, "native_bf16", lambda: False)  # e.g. an AVX2 CPU: bf16 would be emulated, many times slower
+    assert ft.resolve_precision("auto") == "fp32"
+    assert ft.resolve_precision("bf16") == "bf16"
 
 
 def test_lora_is_merged_into_a_standalone_model(tmp_path, tiny_model_dir, chat_files):

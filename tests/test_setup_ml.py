@@ -2,10 +2,12 @@
 
 import json
 import os
+import shlex
+import shutil
 
 import pytest
 import yaml
-from azure.ai.ml.entities import AmlCompute, Environment, JobService
+from azure.ai.ml.entities import AmlCompute, Environment, JobService, VmSize
 from azure.ai.ml.exceptions import ErrorTarget, JobException
 from azure.core.exceptions import ResourceNotFoundError
 from azure.identity import AzureCliCredential, CredentialUnavailableError
@@ -39,6 +41,13 @@ def workspace(tmp_path, monkeypatch, chat_files):
     )
     client.compute.get.side_effect = ResourceNotFoundError("not found")
     client.compute.begin_create_or_update.side_effect = lambda compute: poller(compute)
+    # Azure's list of VM sizes of a region, as list_sizes returns it (an excerpt).
+    client.compute.list_sizes.return_value = [
+        VmSize(name="Standard_E16s_v3", v_cp_us=16, gpus=0),
+        VmSize(name="Standard_NC24ads_A100_v4", v_cp_us=24, gpus=1),
+        VmSize(name="Standard_NC48ads_A100_v4", v_cp_us=48, gpus=2),
+        VmSize(name="Standard_NC96ads_A100_v4", v_cp_us=96, gpus=4),
+    ]
     # What jobs.create_or_update returns: the job, now with a name and a studio URL.
     client.jobs.create_or_update.side_effect = lambda job: _named(job, "shy_lamp_42")
     monkeypatch.setattr(setup_ml, "get_ml_client", lambda *needed: client)
@@ -84,7 +93,7 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
     job = submitted_job_body(workspace)
     assert job["command"] == (
         "python fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
-        "--model_output_dir ${{outputs.model_output}}"
+        "--model_output_dir ${{outputs.model_output}} --save-steps 0"
     )
     assert job["codeId"] == str(ROOT / "finetuning_dir")
     assert job["computeId"] == "gpu-nc24s-a100-v4"
@@ -136,10 +145,39 @@ def test_instance_count_uses_pytorch_distribution_and_grows_the_cluster(workspac
     assert created_compute_body(workspace)["properties"]["properties"]["scaleSettings"]["maxNodeCount"] == 2
 
 
+@pytest.mark.parametrize("size, processes", [("Standard_NC48ads_A100_v4", 2), ("Standard_NC96ads_A100_v4", 4)])
+def test_a_multi_gpu_size_runs_one_process_per_gpu(workspace, capsys, size, processes):
+    setup_ml.main(["--compute-size", size, "--location", "westus3"])
+    workspace.compute.list_sizes.assert_called_once_with(location="westus3")
+    job = submitted_job_body(workspace)
+    assert job["resources"]["instanceCount"] == 1
+    assert job["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": processes}
+    assert f"1 node(s) of {size}, {processes} process(es) per node" in capsys.readouterr().out
+
+
+def test_the_gpu_count_is_the_existing_clusters(workspace):
+    # A reused cluster keeps its own size: its GPUs decide, not --compute-size.
+    workspace.compute.get.side_effect = None
+    workspace.compute.get.return_value = AmlCompute(
+        name="gpu-nc24s-a100-v4", size="Standard_NC96ads_A100_v4", location="eastus2", max_instances=2
+    )
+    setup_ml.main(["--instance-count", "2"])
+    workspace.compute.list_sizes.assert_called_once_with(location="eastus2")
+    assert submitted_job_body(workspace)["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 4}
+
+
+def test_cpu_and_unknown_sizes_run_one_process(workspace, capsys):
+    setup_ml.main(["--cpu"])
+    assert "distribution" not in submitted_job_body(workspace)
+    setup_ml.main(["--compute-size", "Standard_XYZ_v9"])
+    assert "distribution" not in submitted_job_body(workspace)
+    assert "Standard_XYZ_v9 is not in" in capsys.readouterr().out
+
+
 def test_fine_tune_flags_and_model_name_reach_the_job_command(workspace):
     setup_ml.main(["--model-name", "microsoft/Phi-3-mini-4k-instruct", "--", "--lora", "--epochs", "1", "--checkpoint_dir", "a b"])
     assert submitted_job_body(workspace)["command"].endswith(
-        "--model_output_dir ${{outputs.model_output}} --model-name microsoft/Phi-3-mini-4k-instruct "
+        "--model_output_dir ${{outputs.model_output}} --save-steps 0 --model-name microsoft/Phi-3-mini-4k-instruct "
         "--lora --epochs 1 --checkpoint_dir 'a b'"
     )
 
@@ -232,3 +270,26 @@ def test_help_explains_every_flag():
     for flag in ("--cpu", "--compute-name", "--compute-size", "--location", "--instance-count", "--no-stream",
                  "--model-name", "--local", "after --"):
         assert flag in result.stdout, flag
+
+
+def test_the_jobs_command_uploads_only_the_model(workspace, tmp_path, tiny_model_dir, chat_files):
+    # Azure ML uploads a job's ./outputs and its declared outputs. Run the job's own command line in a
+    # copy of its code folder, as the node would, and see what lands where.
+    setup_ml.main(["--no-stream"])
+    command = submitted_job_body(workspace)["command"]
+    snapshot = tmp_path / "wd"
+    # What Azure ML snapshots: the folder less what .gitignore names.
+    shutil.copytree(ROOT / "finetuning_dir", snapshot, ignore=shutil.ignore_patterns("__pycache__", "mlruns", "checkpoints"))
+    model_output = tmp_path / "model_output"
+    command = (command.replace("${{inputs.train_file}}", str(chat_files[0]))
+               .replace("${{inputs.eval_file}}", str(chat_files[1]))
+               .replace("${{outputs.model_output}}", str(model_output)))
+    args = shlex.split(command)[1:] + ["--model-name", str(tiny_model_dir), "--max-steps", "3", "--max-length", "256"]
+    result = run_script(args, cwd=snapshot)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_output / "MLmodel").is_file()
+    written = sorted(p.name for p in snapshot.iterdir())
+    assert "outputs" not in written and "mlruns" not in written, written
+    assert not list(snapshot.rglob("checkpoint-*")), "the job writes no trainer checkpoints"
+    model_bytes = sum(f.stat().st_size for f in model_output.rglob("*") if f.is_file())
+    print(f"the job uploads {model_bytes / 2**20:.1f} MiB (the model output) and nothing under ./outputs")
