@@ -2,12 +2,13 @@
 
 For each attention/packing setting (the tutorial's eager attention with TRL 0.8's concatenate-and-cut
 packing, which today's TRL calls "wrapped"; the project's defaults from FineTuneArguments; or any
-ATTN:STRATEGY you name), for a full fine-tune and for LoRA, it trains the same model on the same
-data twice in this one process:
+ATTN:STRATEGY you name), each precision (fine_tune.py's --precision: bf16 is the tutorial's bf16
+weights, bf16-mixed fp32 weights with bf16 autocast, fp32, auto what fine_tune.py picks here), for a
+full fine-tune and for LoRA, it trains the same model on the same data twice in this one process:
 
-  fine_tune  the trainer exactly as finetuning_dir/fine_tune.py builds it (its SFTConfig, LoRA
-             config, MLflow callback, its model loading and chat-template data preparation);
-  bare       a plain TRL SFTTrainer with the same hyperparameters and nothing else.
+  fine_tune  the trainer fine_tune.py trains with: fine_tune.load_model + fine_tune.build_trainer
+             (its SFTConfig, LoRA config, collator, MLflow callback, chat-template data preparation);
+  bare       a plain TRL SFTTrainer with the same hyperparameters and precision, and nothing else.
 
 Runs are interleaved (setting x mode x runner, repeated) so that a busy machine slows all alike.
 Each run trains warm-up + measured steps; the figures cover the measured steps only:
@@ -23,13 +24,18 @@ Each run trains warm-up + measured steps; the figures cover the measured steps o
              attention 6*L*d*sum(s^2) over the attention spans s (each conversation with the bfd
              strategies, each packed row with "wrapped", where attention crosses conversations).
              Gradient-checkpointing recomputation is not counted (MFU, not HFU). Peak: the GPU's
-             data-sheet dense bf16 peak; on a CPU the best bf16 matmul rate torch measures here.
+             data-sheet dense bf16 peak; on a CPU the best matmul rate torch measures here, in bf16 where
+             the CPU computes it natively (AVX512-BF16, AMX), else in fp32.
   loss       mean training loss of the run: the same setting trained by both runners, or two
              attention kernels with one packing strategy, should agree (they train the same model).
+  learned    fine_tune runner only: eval loss on the test chats before training minus after it, at
+             fine_tune.py's learning rate (5e-6 unless --learning-rate): how much of AdamW's steps
+             the weights kept.
 
     python benchmarks/bench_finetune.py                       # tiny Phi-3 on the CPU (~2 min)
     python benchmarks/bench_finetune.py --device cuda         # Phi-3.5-mini-sized, random weights
     python benchmarks/bench_finetune.py --settings tutorial,default,sdpa:wrapped,eager:bfd
+    python benchmarks/bench_finetune.py --settings default --runners fine_tune --precisions bf16,bf16-mixed,fp32
 """
 
 import argparse
@@ -53,9 +59,10 @@ class Setting:
     name: str
     attn: str
     strategy: str
+    precision: str = "auto"
 
 
-def parse_settings(text: str, defaults) -> list[Setting]:
+def parse_settings(text: str, precisions: str, defaults) -> list[Setting]:
     settings = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         if item == "tutorial":
@@ -67,7 +74,13 @@ def parse_settings(text: str, defaults) -> list[Setting]:
             settings.append(Setting(item, attn, strategy))
         else:
             raise SystemExit(f"bench_finetune.py: unknown setting {item!r}; use tutorial, default or ATTN:STRATEGY")
-    return settings
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    for precision in chosen:
+        if precision not in ("auto", "bf16-mixed", "fp32", "bf16"):
+            raise SystemExit(f"bench_finetune.py: unknown precision {precision!r}; use auto, bf16-mixed, fp32 or bf16")
+    if len(chosen) == 1:
+        return [Setting(s.name, s.attn, s.strategy, chosen[0]) for s in settings]
+    return [Setting(f"{s.name}/{p}", s.attn, s.strategy, p) for s in settings for p in chosen]
 
 
 def parse_args(argv=None):
@@ -87,6 +100,10 @@ def parse_args(argv=None):
                              "attn_implementation + packing_strategy) or ATTN:STRATEGY, e.g. sdpa:bfd_split; "
                              "with bfd, fine_tune.py keeps packed rows apart (finetuning_dir/packed_rows.py; bfd_rows "
                              "is an alias); bfd_flat is TRL's own flattened padding-free batch")
+    parser.add_argument("--precisions", default="auto",
+                        help="comma-separated fine_tune.py --precision values: bf16 (the tutorial's bf16 weights), "
+                             "bf16-mixed (fp32 weights, bf16 autocast), fp32, auto (what fine_tune.py picks here)")
+    parser.add_argument("--learning-rate", type=float, help="fine_tune.py's --learning-rate (default: its 5e-6)")
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--runners", default="fine_tune,bare", help="comma-separated: fine_tune, bare")
     parser.add_argument("--max-length", type=int, help="sequence length (default: 2048, the tutorial's, on GPU; 512 on CPU)")
@@ -103,7 +120,7 @@ def parse_args(argv=None):
                              "other jobs share, where spinning worker threads stall each other")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak in TFLOP/s for MFU (default: looked up for known GPUs, "
-                             "measured with a bf16 matmul on a CPU)")
+                             "measured with a 2048x2048 matmul on a CPU: bf16 where native, else fp32)")
     return parser.parse_args(argv)
 
 
@@ -185,51 +202,31 @@ class Bench:
             packing=True,
             packing_strategy="bfd" if setting.strategy in ("bfd_rows", "bfd_flat") else setting.strategy,
             gradient_checkpointing=not o.no_gradient_checkpointing,
+            precision=setting.precision,
+            save_steps=0,
             checkpoint_dir=str(self.work / "checkpoints"),
+            **({"learning_rate": o.learning_rate} if o.learning_rate else {}),
         )
 
     def fine_tune_trainer(self, args, train, test):
-        """The SFTTrainer exactly as fine_tune.train_and_evaluate_model builds it."""
-        import torch
-
-        ft = self.ft
-        # As fine_tune.main() loads the model.
-        model_kwargs = {"use_cache": False, "dtype": torch.bfloat16, "device_map": None,
-                        "attn_implementation": args.attn_implementation}
-        model, tokenizer = ft.initialize_model_and_tokenizer(args.model_name, model_kwargs, args.max_length)
-        captured = {}
-
-        class Captured(Exception):
-            pass
-
-        def capture(*a, **kwargs):
-            if a:
-                raise TypeError("fine_tune.py now passes SFTTrainer positional arguments; update bench_finetune.py")
-            captured.update(kwargs)
-            raise Captured
-
-        real = ft.SFTTrainer
-        ft.SFTTrainer = capture
-        try:
-            ft.train_and_evaluate_model(args, train, test, model, tokenizer)
-        except Captured:
-            pass
-        finally:
-            ft.SFTTrainer = real
-        return real(**captured), model
+        """The trainer fine_tune.py trains with."""
+        model, tokenizer = self.ft.load_model(args)
+        return self.ft.build_trainer(args, model, tokenizer, train, test), model
 
     def bare_trainer(self, args, train):
         """A plain TRL SFTTrainer with the same hyperparameters: no callbacks, eval, token counting."""
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
+        precision = self.ft.resolve_precision(args.precision)
         model = AutoModelForCausalLM.from_pretrained(
-            args.model_name, dtype=torch.bfloat16, attn_implementation=args.attn_implementation, use_cache=False
+            args.model_name, dtype=self.ft.weights_dtype(precision, trained_weights=not args.lora),
+            attn_implementation=args.attn_implementation, use_cache=False,
         )
         tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         config = SFTConfig(
-            output_dir=str(self.work / "bare"), bf16=True, use_cpu=not self.cuda, learning_rate=args.learning_rate,
+            output_dir=str(self.work / "bare"), bf16=precision in ("bf16-mixed", "bf16"), use_cpu=not self.cuda,
+            learning_rate=args.learning_rate,
             lr_scheduler_type="cosine", warmup_steps=args.warmup, max_steps=args.max_steps,
             per_device_train_batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing,
             max_length=args.max_length, packing=args.packing, packing_strategy=args.packing_strategy,
@@ -263,8 +260,8 @@ class Bench:
             from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
             trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
-        elif self.ft.batch_collator(args, trainer.processing_class) is not None:
-            # As fine_tune.py sets it after building its trainer; the bare run gets it too (same configuration).
+        elif runner == "bare" and self.ft.batch_collator(args, trainer.processing_class) is not None:
+            # fine_tune.build_trainer sets this collator; the bare run gets it too (same configuration).
             trainer.data_collator = self.ft.batch_collator(args, trainer.processing_class)
         needed = o.batch_size * args.max_steps
         if len(trainer.train_dataset) < needed:
@@ -278,6 +275,7 @@ class Bench:
         n_base = matmul_parameters(base if mode == "full" else trainer.model.get_base_model())
         n_lora = sum(p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in n)
 
+        eval_before = trainer.evaluate()["eval_loss"] if runner == "fine_tune" else None
         clock = StepClock(self.cuda)
         trainer.add_callback(clock.callback)
         meter = BatchMeter(trainer.data_collator)
@@ -288,6 +286,7 @@ class Bench:
         with run_ctx, common.PeakRSS() as rss:
             result = trainer.train()
 
+        eval_after = trainer.evaluate()["eval_loss"] if runner == "fine_tune" else None
         w, s = o.warmup_steps, args.max_steps
         assert len(clock.ends) == s, f"expected {s} steps, saw {len(clock.ends)}"
         window = clock.ends[s - 1] - clock.ends[w - 1] if w else clock.ends[s - 1] - clock.start
@@ -298,6 +297,8 @@ class Bench:
         flops = per_token * tokens + 6 * layers * width * squares
         row = {
             "setting": setting.name, "attn": setting.attn, "packing": setting.strategy, "mode": mode, "runner": runner,
+            "precision": self.ft.resolve_precision(setting.precision),
+            "weights": str(next(p for p in base.parameters()).dtype).replace("torch.", ""),
             "tokens_per_s": tokens / window,
             "tokens_per_s_med": tokens / len(steps) / common.median(steps),
             "step_s": common.median(steps),
@@ -307,6 +308,8 @@ class Bench:
             "mfu_pct": 100 * flops / window / (o.peak_tflops * 1e12),
             "loss": result.training_loss,
         }
+        if eval_before is not None:
+            row.update(eval_before=eval_before, eval_after=eval_after, learned=eval_before - eval_after)
         if self.cuda:
             row["gpu_max_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
         del trainer, base, result
@@ -325,7 +328,7 @@ class _null:
 
 
 def summarise(rows, settings, modes, runners):
-    """Median over repeats per (setting, mode, runner), then the ratios the issue asks for."""
+    """Median over repeats per (setting, mode, runner), then the ratios between them."""
     def pick(setting, mode, runner):
         return [r for r in rows if r["setting"] == setting and r["mode"] == mode and r["runner"] == runner]
 
@@ -336,9 +339,9 @@ def summarise(rows, settings, modes, runners):
                 runs = pick(setting.name, mode, runner)
                 if not runs:
                     continue
-                entry = {k: runs[0][k] for k in ("setting", "attn", "packing", "mode", "runner")}
-                for key in ("tokens_per_s", "tokens_per_s_med", "step_s", "tokens_per_step", "peak_rss_mb", "tflops", "mfu_pct", "loss",
-                            "gpu_max_alloc_gb"):
+                entry = {k: runs[0][k] for k in ("setting", "attn", "packing", "precision", "weights", "mode", "runner")}
+                for key in ("tokens_per_s", "tokens_per_s_med", "step_s", "tokens_per_step", "peak_rss_mb", "tflops",
+                            "mfu_pct", "loss", "learned", "gpu_max_alloc_gb"):
                     if key in runs[0]:
                         entry[key] = common.median([r[key] for r in runs])
                 entry["runs"] = len(runs)
@@ -380,12 +383,13 @@ def summarise(rows, settings, modes, runners):
 
     same = []
     for mode in modes:
-        for strategy in sorted({family(s.strategy) for s in settings}):
-            losses = {f"{e['attn']}/{e['packing']}/{e['runner']}": e["loss"] for e in table
-                      if e["mode"] == mode and family(e["packing"]) == strategy}
-            if len(losses) > 1:
-                same.append({"mode": mode, "packing": strategy, "losses": losses,
-                             "spread": max(losses.values()) - min(losses.values())})
+        for precision in sorted({e["precision"] for e in table}):
+            for strategy in sorted({family(s.strategy) for s in settings}):
+                losses = {f"{e['attn']}/{e['packing']}/{e['runner']}": e["loss"] for e in table
+                          if e["mode"] == mode and e["precision"] == precision and family(e["packing"]) == strategy}
+                if len(losses) > 1:
+                    same.append({"mode": mode, "precision": precision, "packing": strategy, "losses": losses,
+                                 "spread": max(losses.values()) - min(losses.values())})
     return table, ratios, same
 
 
@@ -429,19 +433,21 @@ def main(argv=None):
             if opts.peak_tflops is None:
                 raise SystemExit(f"bench_finetune.py: unknown GPU {torch.cuda.get_device_name(0)}; pass --peak-tflops")
         else:
-            opts.peak_tflops = common.measure_cpu_bf16_peak_tflops()
-            peak_source = "measured: best torch bf16 2048x2048 matmul rate on this CPU"
+            dtype_name = "bfloat16" if ft.native_bf16() else "float32"
+            opts.peak_tflops = common.measure_cpu_peak_tflops(dtype_name)
+            peak_source = f"measured: best torch {dtype_name} 2048x2048 matmul rate on this CPU"
     else:
         peak_source = "--peak-tflops"
 
-    settings = parse_settings(opts.settings, ft.FineTuneArguments())
+    settings = parse_settings(opts.settings, opts.precisions, ft.FineTuneArguments())
     modes = [m for m in opts.modes.split(",") if m]
     runners = [r for r in opts.runners.split(",") if r]
     common.print_header("Fine-tuning throughput", {
         "model": opts.model, "model_dir": str(opts.model_dir), "device": "cuda" if cuda else "cpu",
         "max_length": opts.max_length, "batch_size": opts.batch_size, "warmup_steps": opts.warmup_steps,
         "measured_steps": opts.steps, "repeats": opts.repeats, "rows": opts.rows,
-        "gradient_checkpointing": not opts.no_gradient_checkpointing, "bf16": True,
+        "gradient_checkpointing": not opts.no_gradient_checkpointing,
+        "learning_rate": opts.learning_rate or ft.FineTuneArguments().learning_rate,
         "torch_threads": torch.get_num_threads(),
         "settings": [s.__dict__ for s in settings], "modes": modes, "runners": runners,
         "peak_tflops": round(opts.peak_tflops, 3), "peak_source": peak_source,
@@ -482,9 +488,8 @@ def main(argv=None):
 
     table, ratios, same = summarise(rows, settings, modes, runners)
     print("\nMedian over repeats:")
-    columns = ["setting", "attn", "packing", "mode", "runner", "tokens_per_s", "tokens_per_s_med", "step_s",
-               "tokens_per_step",
-               "peak_rss_mb", "tflops", "mfu_pct", "loss"]
+    columns = ["setting", "attn", "packing", "precision", "weights", "mode", "runner", "tokens_per_s",
+               "tokens_per_s_med", "step_s", "tokens_per_step", "peak_rss_mb", "tflops", "mfu_pct", "loss", "learned"]
     if cuda:
         columns.append("gpu_max_alloc_gb")
     common.print_table(table, columns)
@@ -495,7 +500,7 @@ def main(argv=None):
     common.print_table(ratios, ["what", "ratio", "per_repeat"])
     if same:
         print("\nSame model? Mean training loss of runs that differ only in runner, attention kernel or batch layout:")
-        common.print_table(same, ["mode", "packing", "losses", "spread"])
+        common.print_table(same, ["mode", "precision", "packing", "losses", "spread"])
     print(f"loadavg after: {[round(x, 2) for x in os.getloadavg()]}")
     common.emit_json("finetune", {"runs": rows, "summary": table, "ratios": ratios, "same_model": same})
     return table, ratios, same

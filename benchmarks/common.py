@@ -174,16 +174,18 @@ def gpu_bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def measure_cpu_bf16_peak_tflops(size: int = 2048, repeats: int = 5) -> float:
-    """The best bf16 matmul rate torch reaches on this CPU with its current threads (TFLOP/s).
+def measure_cpu_peak_tflops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """The best `dtype_name` matmul rate torch reaches on this CPU with its current threads (TFLOP/s).
 
-    An achievable peak, measured, not a data-sheet figure: CPUs have no single bf16 peak number
-    that holds across AVX-512/AMX/thread counts.
+    An achievable peak, measured, not a data-sheet figure: CPUs have no single peak number that
+    holds across AVX2/AVX-512/AMX and thread counts. Measure it in the dtype the CPU computes
+    natively: bf16 on a CPU without bf16 instructions is emulated, far below its fp32 rate.
     """
     import torch
 
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
     best = 0.0

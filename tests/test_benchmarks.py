@@ -76,6 +76,28 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
     assert all(r["ratio"] > 0 for r in payload["ratios"])
 
 
+def test_finetune_benchmark_compares_the_tutorials_bf16_weights_with_fp32_ones(tiny_model_dir):
+    result = run_script(
+        [BENCH / "bench_finetune.py", "--device", "cpu", "--model-dir", tiny_model_dir, "--max-length", 128,
+         "--batch-size", 2, "--warmup-steps", 1, "--steps", 8, "--repeats", 1, "--rows", 60,
+         "--settings", "default", "--modes", "full", "--runners", "fine_tune,bare", "--precisions", "bf16,fp32"],
+        cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = results(result.stdout)["finetune"]
+    runs = {(r["precision"], r["runner"]): r for r in payload["runs"]}
+    assert set(runs) == {(p, r) for p in ("bf16", "fp32") for r in ("fine_tune", "bare")}
+    assert runs[("bf16", "fine_tune")]["weights"] == runs[("bf16", "bare")]["weights"] == "bfloat16"
+    assert runs[("fp32", "fine_tune")]["weights"] == runs[("fp32", "bare")]["weights"] == "float32"
+    # At lr 5e-6 bf16 weights keep few of AdamW's steps: the test loss moves far less than with fp32 ones.
+    bf16, fp32 = runs[("bf16", "fine_tune")]["learned"], runs[("fp32", "fine_tune")]["learned"]
+    assert fp32 > 0 and fp32 > 3 * bf16, (bf16, fp32)
+    # Each precision's two runners train the same model.
+    assert {g["precision"] for g in payload["same_model"]} == {"bf16", "fp32"}
+    for group in payload["same_model"]:
+        assert group["spread"] < 1e-3, group
+
+
 def test_dataprep_benchmark_compares_process_counts():
     result = run_script(
         [BENCH / "bench_dataprep.py", "--rows", 50, "--repeats", 1, "--num-proc", "2,default"], cwd=ROOT, timeout=300
@@ -101,6 +123,28 @@ def test_phi35_mini_config_has_the_real_models_size():
         model = Phi3ForCausalLM(Phi3Config(**PHI35_MINI_CONFIG))
     # microsoft/Phi-3.5-mini-instruct: 3,821,079,552 parameters.
     assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
+
+
+def test_memory_trace_counts_fp32_weights_and_their_optimizer_state():
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from benchmarks.common import PHI35_MINI_CONFIG
+
+    result = run_script([BENCH / "trace_memory.py", "--layers", 1, "--batch-size", 1, "--max-length", 64,
+                         "--precisions", "bf16-mixed,bf16"], cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "not measured on a GPU" in result.stdout
+    rows = {r["precision"]: r for r in results(result.stdout)["trace_memory"]["rows"]}
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in Phi3ForCausalLM(Phi3Config(**{**PHI35_MINI_CONFIG, "num_hidden_layers": 1})).parameters())
+    mixed, tutorial = rows["bf16-mixed"], rows["bf16"]
+    assert mixed["weights"] == "float32" and tutorial["weights"] == "bfloat16"
+    assert mixed["params_gib"] == pytest.approx(parameters * 4 / 2**30, rel=1e-6)
+    assert tutorial["params_gib"] == pytest.approx(parameters * 2 / 2**30, rel=1e-6)
+    # AdamW's two moments, in the weights' dtype.
+    assert mixed["optimizer_gib"] == pytest.approx(2 * mixed["params_gib"], rel=1e-3)
+    assert mixed["total_gib"] > mixed["params_gib"] + mixed["optimizer_gib"]
 
 
 def test_batch_meter_counts_conversations_in_padding_free_batches():
