@@ -149,24 +149,23 @@ def shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def report(questions: list[Question], base: Evaluation, tuned: Evaluation, log_to_mlflow: bool = True) -> str:
-    """Log both evaluations (to the log and, when a run is active, to MLflow); return the summary line."""
+def report(questions: list[Question], base: Evaluation, tuned: Evaluation, step: int | None = None) -> str:
+    """Log both evaluations to the log and to the active MLflow run (at `step`); return the summary line."""
     line = summary_line(base, tuned)
     table = answers_table(questions, base, tuned)
     if questions:
         logger.info("Answers to %d questions of the eval file (greedy, before and after fine-tuning):\n%s",
                     len(questions), answers_text(table))
     logger.info(line)
-    if log_to_mlflow:
-        import mlflow
+    import mlflow
 
-        mlflow.log_metrics({
-            "base_eval_loss": base.loss, "eval_loss": tuned.loss,
-            "base_eval_perplexity": base.perplexity, "eval_perplexity": tuned.perplexity,
-        })
-        if questions:
-            mlflow.log_table(data=table, artifact_file="eval_answers.json")
-        mlflow.set_tag("evaluation", line)
+    mlflow.log_metrics({
+        "base_eval_loss": base.loss, "eval_loss": tuned.loss,
+        "base_eval_perplexity": base.perplexity, "eval_perplexity": tuned.perplexity,
+    }, step=step)
+    if questions:
+        mlflow.log_table(data=table, artifact_file="eval_answers.json")
+    mlflow.set_tag("evaluation", line)
     return line
 
 

@@ -320,7 +320,7 @@ def save_mlflow_model(model, tokenizer, output_dir):
     )
 
 
-def build_trainer(args, model, tokenizer, train_dataset, eval_dataset, callbacks=()):
+def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
     """The SFTTrainer of this script: fine-tuning, the evaluation and the benchmark all use this one."""
     trainer = SFTTrainer(
         model=model,
@@ -329,7 +329,7 @@ def build_trainer(args, model, tokenizer, train_dataset, eval_dataset, callbacks
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(args),
-        callbacks=[LogMetricsToMlflow(), *callbacks],
+        callbacks=[LogMetricsToMlflow()],
     )
     collator = batch_collator(args, tokenizer)
     if collator is not None:  # set afterwards: TRL refuses a custom collator with bfd's padding-free flag
@@ -404,7 +404,8 @@ def main(args: FineTuneArguments):
         base, tuned = train_and_evaluate_model(args, trainer, questions)
         if is_main_process():
             save_fine_tuned_model(args, trainer, tokenizer, saved_dtype(args.model_name))
-            evaluate_model.report(questions, base, tuned)  # last: the run ends with how much it learned
+            # Last: the run ends with how much it learned.
+            evaluate_model.report(questions, base, tuned, step=trainer.state.global_step)
 
 
 if __name__ == "__main__":
