@@ -5,7 +5,8 @@ By default this creates the tutorial's resources and submits its job:
   - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, eastus2, Dedicated, 0..1 nodes),
     reused when it exists;
   - a command job running finetuning_dir/fine_tune.py on TRAIN_DATA_PATH / TEST_DATA_PATH,
-    whose `model_output` output (an MLflow model) deploy_model.py registers. It runs one process
+    whose `model_output` output (an MLflow model) and `quantized_model_output` (its int4 ONNX form
+    for CPU endpoints) deploy_model.py registers. It runs one process
     per GPU of each node (taken from Azure's list of VM sizes), and writes no trainer
     checkpoints: they would land on the node's disk, which is gone when the job ends.
 The job name and its studio URL are printed, and the name is recorded in .env as
@@ -70,13 +71,15 @@ logger = logging.getLogger("setup_ml")
 JOB_FLAGS = ("--save-steps", "0")
 
 
-def fine_tune_command(train_file: str, eval_file: str, model_output_dir: str, extra_args=()) -> list[str]:
+def fine_tune_command(train_file: str, eval_file: str, model_output_dir: str, quantized_output_dir: str | None,
+                      extra_args=()) -> list[str]:
     """The fine_tune.py command line, the same for the Azure job and the local run."""
     return [
         "python", "fine_tune.py",
         "--train-file", train_file,
         "--eval-file", eval_file,
         "--model_output_dir", model_output_dir,
+        *(["--quantized_output_dir", quantized_output_dir] if quantized_output_dir else []),
         *extra_args,
     ]  # fmt: skip
 
@@ -128,15 +131,20 @@ def gpus_per_node(ml_client, compute_cluster) -> int:
     return 0
 
 
-def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1):
+def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1, int4=True):
     """
     Set up the fine-tuning job in Azure ML.
     """
     # Only the user's extra flags are shell-quoted: quoting would break the ${{...}} placeholders.
     job_command = " ".join(
-        fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}", JOB_FLAGS)
+        fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
+                          "${{outputs.quantized_model_output}}" if int4 else None, JOB_FLAGS)
         + [shlex.quote(arg) for arg in extra_args]
     )
+    # Declared as MLflow models so registration does not depend on where MLflow puts artifacts.
+    outputs = {"model_output": Output(type="mlflow_model")}
+    if int4:  # the int4 ONNX form for CPU endpoints, written beside the transformers model
+        outputs["quantized_model_output"] = Output(type="mlflow_model")
     distributed = instance_count * processes_per_node > 1
     return command(
         code=str(FINETUNING_DIR),  # Folder of fine_tune.py
@@ -149,8 +157,7 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), p
             "train_file": Input(type="uri_file", path=config.TRAIN_DATA_PATH),
             "eval_file": Input(type="uri_file", path=config.TEST_DATA_PATH),
         },
-        # Declared as an MLflow model so registration does not depend on where MLflow puts artifacts.
-        outputs={"model_output": Output(type="mlflow_model")},
+        outputs=outputs,
         instance_count=instance_count,
         # One process per GPU; each gets RANK/LOCAL_RANK/WORLD_SIZE, which the trainer uses.
         distribution=PyTorchDistribution(process_count_per_instance=processes_per_node) if distributed else None,
@@ -191,7 +198,7 @@ def run_on_azure(args, extra_args):
     cluster = create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
     processes = max(1, gpus_per_node(ml_client, cluster))
     print(f"Training on {args.instance_count} node(s) of {cluster.size}, {processes} process(es) per node (one per GPU)")
-    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes)
+    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes, int4=not args.no_int4)
     return submit_and_stream(ml_client, job, stream=not args.no_stream)
 
 
@@ -210,6 +217,7 @@ def run_locally(args, extra_args) -> Path:
         os.path.abspath(config.TRAIN_DATA_PATH),
         os.path.abspath(config.TEST_DATA_PATH),
         str(run_dir / "model"),
+        None if args.no_int4 else str(run_dir / "model-int4"),
         [*extra_args, "--checkpoint_dir", str(run_dir / "checkpoints")],
     )
     cmd[0] = sys.executable
@@ -221,7 +229,7 @@ def run_locally(args, extra_args) -> Path:
     print(f"Running locally in {FINETUNING_DIR.name}/: {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=FINETUNING_DIR, env=env).returncode != 0:
         sys.exit("setup_ml.py: local fine-tuning failed (see the messages above)")
-    print(f"Fine-tuned MLflow model: {run_dir / 'model'}")
+    print(f"Fine-tuned MLflow model: {run_dir / 'model'}" + ("" if args.no_int4 else f", int4: {run_dir / 'model-int4'}"))
     return run_dir / "model"
 
 
@@ -237,6 +245,9 @@ def parse_args(argv=None):
     parser.add_argument("--instance-count", type=int, default=1,
                         help="nodes to train on with PyTorch distribution; the cluster's max_instances follows (default: 1)")
     parser.add_argument("--no-stream", action="store_true", help="submit the job and return without streaming its logs")
+    parser.add_argument("--no-int4", action="store_true",
+                        help="skip the int4 ONNX serving form the job writes beside the model (output "
+                             "quantized_model_output; with --local, outputs/models/<run>/model-int4)")
     parser.add_argument("--model-name", help="model to fine-tune, passed to fine_tune.py (default: "
                         "microsoft/Phi-3.5-mini-instruct on Azure; a tiny Phi-3 built on the spot with --local)")
     parser.add_argument("--local", action="store_true", help="run the same fine_tune.py command on this machine "

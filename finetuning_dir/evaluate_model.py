@@ -8,8 +8,9 @@ eval_answers.json) and ends with one line, e.g.
 
     test loss 1.421 → 1.183 (perplexity 4.14 → 3.26)
 
-Run on its own, it evaluates any model folder fine_tune.py wrote, a base model (a Hub id or a
-local folder), or two of them against each other, on any ultrachat-shaped chat JSONL:
+Run on its own, it evaluates any model folder fine_tune.py wrote, its int4 form
+(quantize_model.py), a base model (a Hub id or a local folder), or two of them against each
+other, on any ultrachat-shaped chat JSONL:
 
     python finetuning_dir/evaluate_model.py --model outputs/models/<run>/model --eval-file data/test_data.jsonl
     python finetuning_dir/evaluate_model.py --model outputs/models/<run>/model \\
@@ -17,7 +18,8 @@ local folder), or two of them against each other, on any ultrachat-shaped chat J
 
 The loss is computed exactly as fine_tune.py computes eval_loss (the same trainer, built by
 fine_tune.build_trainer): pass the --max-length and --batch-size the model was trained with to
-reproduce a run's figure.
+reproduce a run's figure. An int4 model has no torch weights to run the trainer with; its loss is
+taken over the very batches that trainer builds, averaged as the trainer averages (batch_loss).
 """
 
 import argparse
@@ -28,6 +30,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -113,6 +116,37 @@ def evaluate(trainer, questions: list[Question], max_new_tokens: int, prefix: st
     return Evaluation(loss=float(metrics[f"{prefix}_loss"]), answers=answers)
 
 
+def batch_loss(logits_of, batch) -> float:
+    """A packed batch's loss as the model's own forward computes it, from a function giving the logits
+    of one conversation ([tokens, vocabulary]).
+
+    Rows hold whole conversations whose positions restart at 0; attention never crosses them, so
+    each conversation is run on its own. Labels are -100 at each conversation's first token and
+    on padding: the mean next-token cross-entropy is over the other targets of the whole batch.
+    """
+    total, targets = 0.0, 0
+    for ids, positions, labels in zip(batch["input_ids"], batch["position_ids"], batch["labels"]):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+        for start, end in zip(starts, starts[1:]):
+            wanted = labels[start + 1:end]
+            if end - start < 2 or (wanted == -100).all():
+                continue  # padding, or a conversation with nothing to predict
+            logits = torch.as_tensor(logits_of(ids[start:end].tolist()), dtype=torch.float32)[:-1]
+            total += torch.nn.functional.cross_entropy(logits, wanted, ignore_index=-100, reduction="sum").item()
+            targets += int((wanted != -100).sum())
+    return total / max(targets, 1)
+
+
+def eval_loss_of(logits_of, trainer) -> float:
+    """trainer.evaluate()'s eval_loss, with another model's logits: batch losses averaged by batch size."""
+    weighted, rows = 0.0, 0
+    for batch in trainer.get_eval_dataloader():
+        size = len(batch["input_ids"])
+        weighted += batch_loss(logits_of, batch) * size
+        rows += size
+    return weighted / rows
+
+
 def summary_line(base: Evaluation, tuned: Evaluation) -> str:
     """The one line a person reads: how far the test loss fell."""
     return (
@@ -192,22 +226,61 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "fp32", "bf16"],
                         help="as fine_tune.py's --precision (default: auto: bf16 where the device computes it "
                              "natively, else fp32)")
+    parser.add_argument("--limit", type=int,
+                        help="evaluate only the first LIMIT conversations of the eval file (default: all)")
     return parser.parse_args(argv)
+
+
+def int4_onnx_dir(name: str) -> Path | None:
+    """The ONNX folder of an int4 model folder (quantize_model.py's), or None for any other model."""
+    onnx = Path(name) / "artifacts" / "onnx"
+    return onnx if (Path(name) / "MLmodel").is_file() and (onnx / "genai_config.json").is_file() else None
+
+
+def int4_stand_in(ft, onnx_dir: Path, args):
+    """The int4 model's tokenizer, and a one-layer torch model for SFTTrainer to hold: the trainer
+    needs one to build the packed eval batches; nothing is run through it."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    ft.configure_tokenizer(tokenizer, args.max_length)
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                        num_attention_heads=1, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return Phi3ForCausalLM(config), tokenizer
 
 
 def evaluate_one(ft, name: str, options, questions) -> Evaluation:
     """Load `name`, build fine_tune.py's trainer around it, and evaluate it."""
     print(f"Evaluating {name} on {options.eval_file} ...", flush=True)
+    onnx_dir = int4_onnx_dir(name)
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # the trainer wants a folder; nothing is saved
         args = ft.FineTuneArguments(
             eval_file=options.eval_file, model_name=name, max_length=options.max_length,
             batch_size=options.batch_size, precision=options.precision, save_steps=0, checkpoint_dir=scratch,
         )
-        model, tokenizer = ft.load_model(args, for_training=False)
+        if onnx_dir is None:
+            model, tokenizer = ft.load_model(args, for_training=False)
+        else:
+            model, tokenizer = int4_stand_in(ft, onnx_dir, args)
         eval_dataset = ft.prepare_dataset(options.eval_file, tokenizer)
+        if options.limit:
+            eval_dataset = eval_dataset.select(range(min(options.limit, len(eval_dataset))))
         # SFTTrainer insists on a train dataset; nothing is trained here.
         trainer = ft.build_trainer(args, model, tokenizer, eval_dataset, eval_dataset)
-        return evaluate(trainer, questions, options.max_new_tokens)
+        if onnx_dir is None:
+            return evaluate(trainer, questions, options.max_new_tokens)
+        return evaluate_int4(name, trainer, questions, options.max_new_tokens)
+
+
+def evaluate_int4(name: str, trainer, questions, max_new_tokens: int) -> Evaluation:
+    """The int4 model's loss over the trainer's eval batches, and its greedy answers."""
+    import mlflow
+
+    chat = mlflow.pyfunc.load_model(name).unwrap_python_model()
+    loss = eval_loss_of(chat.logits, trainer)
+    answers = chat.predict(None, [q.text for q in questions], {"max_new_tokens": max_new_tokens, "do_sample": False})
+    return Evaluation(loss=loss, answers=[a.strip() for a in answers])
 
 
 def main(argv=None):
@@ -229,6 +302,7 @@ def main(argv=None):
     baseline = evaluate_one(ft, options.baseline, options, questions)
     if questions:
         print(answers_text(answers_table(questions, baseline, model, names=("baseline", "model"))))
+    print(f"relative change of the test loss: {100 * (model.loss - baseline.loss) / baseline.loss:+.2f}%")
     print(summary_line(baseline, model))
     return baseline, model
 

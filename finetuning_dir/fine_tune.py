@@ -68,6 +68,11 @@ class FineTuneArguments:
         default="outputs/model",
         metadata={"help": "Folder to save the fine-tuned MLflow model to; must be empty or absent."},
     )
+    quantized_output_dir: str = field(
+        default="",
+        metadata={"help": "Also write the model's int4 ONNX serving form here (quantize_model.py), an MLflow model "
+                          "with the same contract, for CPU endpoints; must be empty or absent. Empty: don't."},
+    )
     model_name: str = field(
         default="microsoft/Phi-3.5-mini-instruct",
         metadata={"help": "Model to fine-tune: a Hugging Face Hub id or a local folder."},
@@ -165,12 +170,17 @@ def initialize_model_and_tokenizer(model_name, model_kwargs, max_length):
     """
     weights, tokenizer_folder = model_folders(model_name)
     model = AutoModelForCausalLM.from_pretrained(weights, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    tokenizer = configure_tokenizer(AutoTokenizer.from_pretrained(tokenizer_folder), max_length)
+    return model, tokenizer
+
+
+def configure_tokenizer(tokenizer, max_length):
+    """The tutorial's tokenizer settings: its length, padding with the unknown token, on the right."""
     tokenizer.model_max_length = max_length
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.pad_token_id = tokenizer.convert_tokens_to_ids(tokenizer.pad_token)
     tokenizer.padding_side = "right"
-    return model, tokenizer
+    return tokenizer
 
 
 def apply_chat_template(example, tokenizer):
@@ -382,11 +392,9 @@ def check_inputs(args: FineTuneArguments):
     """Fail before loading anything when an input or the output folder is wrong."""
     for path in (args.train_file, args.eval_file):
         check_eval_file(path)
-    if os.path.isdir(args.model_output_dir) and os.listdir(args.model_output_dir):
-        sys.exit(
-            f"fine_tune.py: --model_output_dir {args.model_output_dir} is not empty; "
-            "pass a new folder (nothing in it was touched)"
-        )
+    for flag, folder in (("--model_output_dir", args.model_output_dir), ("--quantized_output_dir", args.quantized_output_dir)):
+        if folder and os.path.isdir(folder) and os.listdir(folder):
+            sys.exit(f"fine_tune.py: {flag} {folder} is not empty; pass a new folder (nothing in it was touched)")
 
 
 def main(args: FineTuneArguments):
@@ -404,6 +412,11 @@ def main(args: FineTuneArguments):
         base, tuned = train_and_evaluate_model(args, trainer, questions)
         if is_main_process():
             save_fine_tuned_model(args, trainer, tokenizer, saved_dtype(args.model_name))
+            if args.quantized_output_dir:
+                import quantize_model
+
+                quantize_model.quantize(args.model_output_dir, args.quantized_output_dir)
+                mlflow.set_tag("quantized_output_dir", os.path.abspath(args.quantized_output_dir))
             # Last: the run ends with how much it learned.
             evaluate_model.report(questions, base, tuned, step=trainer.state.global_step)
 

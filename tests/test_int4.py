@@ -1,0 +1,152 @@
+"""The int4 ONNX serving form (finetuning_dir/quantize_model.py): converted from the fine-tuned tiny
+model for real, loaded with mlflow.pyfunc, evaluated against the model it came from, and chatted
+with through `deploy_model.py --local` and the Prompt flow."""
+
+import json
+import re
+
+import mlflow
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from chat_fixtures import ANSWER, QUESTION, Endpoint, flow_answer, pf_flow_test, quiet_pf_home  # noqa: F401
+from conftest import ROOT, run_script, write_jsonl
+
+QUANTIZE = ROOT / "finetuning_dir" / "quantize_model.py"
+EVALUATE = ROOT / "finetuning_dir" / "evaluate_model.py"
+
+
+@pytest.fixture(scope="session")
+def int4_model(fine_tuned_model, tmp_path_factory):
+    """`quantize_model.py` run on the fine-tuned tiny model, as a learner runs it."""
+    out = tmp_path_factory.mktemp("int4") / "model-int4"
+    result = run_script([QUANTIZE, "--model-dir", fine_tuned_model, "--output-dir", out], cwd=out.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"Saved the int4 MLflow model to {out}" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def pyfunc_int4(int4_model):
+    return mlflow.pyfunc.load_model(str(int4_model))
+
+
+def test_the_int4_folder_keeps_the_models_contract(int4_model, fine_tuned_model):
+    int4, source = (yaml.safe_load((folder / "MLmodel").read_text()) for folder in (int4_model, fine_tuned_model))
+    assert set(int4["flavors"]) == {"python_function"}
+    assert int4["signature"] == source["signature"]  # the same inputs, outputs and params with their defaults
+    assert int4["metadata"]["prompt_template"] == source["metadata"]["prompt_template"]
+    assert "int4 weights" in int4["metadata"]["quantization"]
+    assert (int4_model / "artifacts" / "onnx" / "model.onnx").is_file()
+    # Installs on a CPU image: no torch, no transformers, no CUDA wheels.
+    requirements = (int4_model / "requirements.txt").read_text().splitlines()
+    names = {re.split(r"[=<>]", line)[0].lower() for line in requirements if line}
+    assert {"mlflow", "onnxruntime-genai", "onnxruntime"} <= names
+    assert not names & {"torch", "transformers", "accelerate", "onnxruntime-genai-cuda"}
+    assert not any(name.startswith("nvidia") for name in names)
+    assert not (int4_model / "python_model.pkl").exists(), "the model's code is a file, not a pickle"
+
+
+def test_int4_answers_what_the_fine_tuned_model_learned(pyfunc_int4):
+    answers = pyfunc_int4.predict([QUESTION, "What is LoRA?"], params={"max_new_tokens": 40, "do_sample": False})
+    assert answers == [ANSWER, "LoRA trains small low-rank adapters instead of every weight of the model."]
+
+
+def test_int4_obeys_the_params(pyfunc_int4, fine_tuned_model):
+    tokenizer = AutoTokenizer.from_pretrained(fine_tuned_model / "components" / "tokenizer")
+    for limit in (1, 3, 6):
+        (answer,) = pyfunc_int4.predict([QUESTION], params={"max_new_tokens": limit, "do_sample": False})
+        assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == limit
+        assert ANSWER.startswith(answer.strip())
+    (full,) = pyfunc_int4.predict([QUESTION], params={"max_new_tokens": 8, "do_sample": False, "return_full_text": True})
+    assert full.startswith(f"<|user|>\n{QUESTION}<|end|>\n<|assistant|>\nMicrosoft was")
+    hot = pyfunc_int4.predict([QUESTION] * 4, params={"max_new_tokens": 12, "do_sample": True, "temperature": 5.0})
+    assert len(set(hot)) > 1, "a temperature of 5 with sampling should vary the answers"
+
+
+def test_int4_keeps_the_test_loss_within_3_percent(int4_model, fine_tuned_model, chat_files, tmp_path):
+    result = run_script([EVALUATE, "--model", int4_model, "--baseline", fine_tuned_model, "--eval-file", chat_files[1],
+                         "--max-length", "256", "--questions", "2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    change = float(re.search(r"relative change of the test loss: ([+-]\d+\.\d+)%", result.stdout).group(1))
+    assert abs(change) < 3, result.stdout
+    # The greedy answers, side by side: the int4 model says what the fine-tuned one says.
+    for row in map(json.loads, chat_files[1].read_text().splitlines()[:2]):
+        question, reference = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert f"Q: {question}" in result.stdout
+        assert f"baseline:  {reference}" in result.stdout and f"model:     {reference}" in result.stdout
+
+
+def test_the_int4_loss_is_the_trainers_measure(fine_tuned_model, chat_files, tmp_path):
+    # The int4 loss is computed over the trainer's own eval batches; fed the torch model's logits,
+    # that computation gives exactly trainer.evaluate()'s eval_loss.
+    import torch
+
+    import evaluate_model
+    import fine_tune as ft
+
+    args = ft.FineTuneArguments(model_name=str(fine_tuned_model), eval_file=str(chat_files[1]), max_length=256,
+                                save_steps=0, checkpoint_dir=str(tmp_path))
+    model, tokenizer = ft.load_model(args, for_training=False)
+    dataset = ft.prepare_dataset(args.eval_file, tokenizer)
+    trainer = ft.build_trainer(args, model, tokenizer, dataset, dataset)
+    expected = trainer.evaluate()["eval_loss"]
+
+    def torch_logits(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0]
+
+    assert evaluate_model.eval_loss_of(torch_logits, trainer) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path, chat_files):
+    out = tmp_path / "model-int4"
+    result = run_script([QUANTIZE, "--model-dir", tmp_path, "--output-dir", out], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"quantize_model.py: {tmp_path} is not an MLflow model folder (no MLmodel file); pass the folder "
+        "fine_tune.py wrote as --model_output_dir, e.g. outputs/models/<run>/model"
+    )
+    assert not out.exists()
+
+
+def test_a_non_empty_output_is_left_alone(fine_tuned_model, tmp_path):
+    out = tmp_path / "model-int4"
+    write_jsonl(out / "keep.jsonl", [{"kept": True}])
+    result = run_script([QUANTIZE, "--model-dir", fine_tuned_model, "--output-dir", out], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("exists and is not empty; pass a new folder (nothing in it was touched)")
+    assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
+
+
+def test_a_failed_conversion_leaves_nothing_behind(fine_tuned_model, tmp_path):
+    # A model folder whose weights cannot be read: the builder fails half-way.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fine_tuned_model, broken)
+    (broken / "model" / "model.safetensors").write_bytes(b"not weights")
+    result = run_script([QUANTIZE, "--model-dir", broken, "--output-dir", tmp_path / "model-int4"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"], "no output and no temporary folder left"
+
+
+def test_the_int4_model_chats_through_the_local_endpoint_and_the_flow(int4_model, quiet_pf_home, tmp_path):
+    endpoint = Endpoint(int4_model, tmp_path)
+    try:
+        endpoint.wait_until_live()
+        response = endpoint.post({"input_data": [QUESTION], "params": {"max_new_tokens": 40, "do_sample": False}})
+        assert response.status_code == 200, response.text
+        assert response.json() == [ANSWER]
+        env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
+        result, _ = pf_flow_test(env)
+        assert flow_answer(result) == ANSWER
+    finally:
+        endpoint.stop()
+
+
+def test_quantize_explains_its_flags(tmp_path):
+    result = run_script([QUANTIZE, "--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--model-dir" in result.stdout and "--output-dir" in result.stdout
