@@ -1,7 +1,8 @@
 """Step 3: deploy the fine-tuned model to an Azure ML managed online endpoint (or, with --local, here).
 
 On Azure, this:
-  1. registers the job's `model_output` (an MLflow model) as AZURE_MODEL_NAME;
+  1. registers the job's int4 form of the model, `quantized_model_output` (an MLflow model), as
+     AZURE_MODEL_NAME-int4, or with --form transformers its `model_output` as AZURE_MODEL_NAME;
   2. creates the managed online endpoint AZURE_ENDPOINT_NAME with the user-assigned identity,
      or updates it in place when it exists (it keeps serving: nothing is deleted);
   3. creates or updates the deployment AZURE_DEPLOYMENT_NAME on one Standard_E4s_v3;
@@ -12,8 +13,12 @@ The job is the one setup_ml.py recorded in .env (AZURE_ML_JOB_NAME) unless --job
 
 An endpoint costs money while it exists, even idle: `--delete --yes` removes it.
 
-`--local` serves a locally fine-tuned model (default: the newest outputs/models/<run>/model) at
-http://127.0.0.1:PORT/score with the managed endpoint's scoring contract.
+The int4 form is the default: on the deployment's 4 vCPUs it answers several times faster than the
+bf16 transformers model, at the same test loss within a few tenths of a percent (BENCHMARKS.md).
+
+`--local` serves a locally fine-tuned model (default: the newest outputs/models/<run>/model-int4,
+or .../model with --form transformers) at http://127.0.0.1:PORT/score with the managed
+endpoint's scoring contract.
 
     python deploy_model.py
     python deploy_model.py --job-name <name>
@@ -45,6 +50,11 @@ import config
 from ml_client import get_ml_client
 
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
+# The two forms of the fine-tuned model a job writes: (job output, registered name suffix, local folder).
+FORMS = {
+    "int4": ("quantized_model_output", "-int4", "model-int4"),
+    "transformers": ("model_output", "", "model"),
+}
 PROGRESS_EVERY_S = 30
 # Azure's rule for online endpoint names.
 ENDPOINT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]")
@@ -77,8 +87,8 @@ def wait_with_progress(poller, what: str):
     return poller.result()
 
 
-def check_job(ml_client, job_name):
-    """Stop with one line unless the fine-tuning job exists and completed."""
+def check_job(ml_client, job_name, form):
+    """Stop with one line unless the fine-tuning job exists, completed and wrote the model's `form`."""
     try:
         job = ml_client.jobs.get(job_name)
     except ResourceNotFoundError:
@@ -88,16 +98,24 @@ def check_job(ml_client, job_name):
             f"deploy_model.py: job {job_name} is {job.status}, not Completed; wait for it "
             f"(or fix and re-run setup_ml.py); see {job.studio_url}"
         )
+    output = FORMS[form][0]
+    if output not in (job.outputs or {}):
+        sys.exit(
+            f"deploy_model.py: job {job_name} has no output '{output}' (it ran with --no-int4, or before the int4 "
+            "form existed); deploy its transformers model with --form transformers, or re-run setup_ml.py"
+        )
 
 
-def register_model(ml_client, model_name, job_name):
-    """Register the job's MLflow model output."""
-    model_path = f"azureml://jobs/{job_name}/outputs/model_output"
-    print(f"Registering model {model_name} from job {job_name} at path {model_path}.")
+def register_model(ml_client, model_name, job_name, form="transformers"):
+    """Register the job's MLflow model output of the given form."""
+    output, suffix, _ = FORMS[form]
+    model_path = f"azureml://jobs/{job_name}/outputs/{output}"
+    print(f"Registering model {model_name + suffix} from job {job_name} at path {model_path}.")
     run_model = Model(
         path=model_path,
-        name=model_name,
-        description="Model created from run.",
+        name=model_name + suffix,
+        description="Model created from run." if form == "transformers" else f"The {form} ONNX form of the model "
+                    f"fine-tuned by job {job_name} (onnxruntime-genai), for CPU endpoints.",
         type=AssetTypes.MLFLOW_MODEL,
     )
     model = ml_client.models.create_or_update(run_model)
@@ -206,14 +224,14 @@ def check_endpoint_name(name):
         )
 
 
-def deploy(job_name):
+def deploy(job_name, form):
     if not job_name:
         sys.exit("deploy_model.py: no job to deploy: run `python setup_ml.py` first (it records the job in .env) "
                  "or pass --job-name")
     ml_client = get_ml_client(*DEPLOY_SETTINGS)
     check_endpoint_name(config.AZURE_ENDPOINT_NAME)
-    check_job(ml_client, job_name)
-    model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name)
+    check_job(ml_client, job_name, form)
+    model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name, form)
     create_or_update_endpoint(ml_client, config.AZURE_ENDPOINT_NAME, "Endpoint for finetuned Phi-3 model")
     deployment = build_deployment(config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, model.id)
     create_or_update_deployment(ml_client, deployment)
@@ -227,12 +245,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-name", default=None,
                         help="fine-tuning job whose model to deploy (default: AZURE_ML_JOB_NAME, recorded by setup_ml.py)")
+    parser.add_argument("--form", choices=sorted(FORMS), default="int4",
+                        help="which form of the fine-tuned model to serve: int4 (its int4 ONNX form, several times "
+                             "faster on the deployment's CPUs) or transformers (the bf16 model as trained) "
+                             "(default: int4)")
     parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments")
     parser.add_argument("--yes", action="store_true", help="confirm --delete without asking")
     parser.add_argument("--local", action="store_true",
                         help="serve a local model at http://127.0.0.1:PORT/score instead of deploying to Azure")
     parser.add_argument("--model-dir", type=Path, default=None,
-                        help="with --local: the MLflow model folder (default: the newest outputs/models/<run>/model)")
+                        help="with --local: the MLflow model folder (default: the newest outputs/models/<run>/model-int4, "
+                             "or .../model with --form transformers)")
     parser.add_argument("--port", type=int, default=5001, help="with --local: the port to serve on (default: 5001)")
     return parser.parse_args(argv)
 
@@ -252,13 +275,13 @@ def main(argv=None):
     if args.local:
         from local.endpoint import serve_local
 
-        return serve_local(args.model_dir, args.port)
+        return serve_local(args.model_dir, args.port, folder=FORMS[args.form][2])
     if args.delete:
         config.require("AZURE_ENDPOINT_NAME")
         if confirm_delete(args):
             delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
         return None
-    return deploy(args.job_name or config.AZURE_ML_JOB_NAME)
+    return deploy(args.job_name or config.AZURE_ML_JOB_NAME, args.form)
 
 
 if __name__ == "__main__":

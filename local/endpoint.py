@@ -44,12 +44,12 @@ AZMLINFSRV_LAUNCHER = (
 )
 
 
-def latest_local_model() -> Path:
-    """The newest outputs/models/<run>/model folder that holds an MLflow model."""
-    found = sorted(p.parent for p in MODELS.glob("*/model/MLmodel"))
+def latest_local_model(folder: str = "model") -> Path:
+    """The newest outputs/models/<run>/<folder> that holds an MLflow model (folder: model or model-int4)."""
+    found = sorted(p.parent for p in MODELS.glob(f"*/{folder}/MLmodel"))
     if not found:
         sys.exit(
-            f"local endpoint: no fine-tuned model in {MODELS.relative_to(ROOT)}/<run>/model; "
+            f"local endpoint: no fine-tuned model in {MODELS.relative_to(ROOT)}/<run>/{folder}; "
             "run `make local` (or python -m local.pipeline) first, or pass --model-dir"
         )
     return found[-1]
@@ -175,9 +175,10 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", server: str = "auto") -> None:
-    """Serve an MLflow model folder (default: the newest local one) until Ctrl-C or SIGTERM."""
-    model_dir = check_model_dir(model_dir) if model_dir else latest_local_model()
+def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", server: str = "auto",
+                folder: str = "model") -> None:
+    """Serve an MLflow model folder (default: the newest local <run>/<folder>) until Ctrl-C or SIGTERM."""
+    model_dir = check_model_dir(model_dir) if model_dir else latest_local_model(folder)
     server = choose_server(server)
     check_port_free(host, port)
     key = endpoint_key()

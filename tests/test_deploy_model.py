@@ -4,6 +4,7 @@ import copy
 import os
 
 import pytest
+from azure.ai.ml import Output
 from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineEndpoint
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
@@ -75,8 +76,9 @@ def workspace(tmp_path, monkeypatch):
         os.environ.pop(name, None)
 
 
-def completed_job(status="Completed"):
-    job = CommandJob(command="python fine_tune.py", name="shy_lamp_42")
+def completed_job(status="Completed", outputs=("model_output", "quantized_model_output")):
+    job = CommandJob(command="python fine_tune.py", name="shy_lamp_42",
+                     outputs={name: Output(type="mlflow_model") for name in outputs})
     job._status = status
     return job
 
@@ -96,12 +98,14 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     deploy_model.main([])
 
     workspace.jobs.get.assert_called_once_with("shy_lamp_42")
+    # The int4 form by default: the job's second MLflow model output.
     (model,), _ = workspace.models.create_or_update.call_args
     props = model._to_rest_object().as_dict()["properties"]
-    assert (props["modelUri"], props["modelType"], props["description"]) == (
-        "azureml://jobs/shy_lamp_42/outputs/model_output", "mlflow_model", "Model created from run."
+    assert (props["modelUri"], props["modelType"]) == (
+        "azureml://jobs/shy_lamp_42/outputs/quantized_model_output", "mlflow_model"
     )
-    assert model.name == "finetune-phi-model"
+    assert props["description"].startswith("The int4 ONNX form of the model fine-tuned by job shy_lamp_42")
+    assert model.name == "finetune-phi-model-int4"
 
     create, traffic = workspace.live.bodies
     assert create["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {IDENTITY: {}}}
@@ -134,6 +138,28 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     assert "--delete --yes" in out  # the cost reminder
 
 
+def test_form_transformers_deploys_the_model_as_trained(workspace):
+    deploy_model.main(["--form", "transformers"])
+    (model,), _ = workspace.models.create_or_update.call_args
+    props = model._to_rest_object().as_dict()["properties"]
+    assert (props["modelUri"], props["description"]) == (
+        "azureml://jobs/shy_lamp_42/outputs/model_output", "Model created from run."
+    )
+    assert model.name == "finetune-phi-model"
+    assert deployment_body(workspace)["properties"]["model"] == MODEL_ID
+
+
+def test_a_job_without_the_int4_output_names_the_way_out(workspace):
+    workspace.jobs.get.return_value = completed_job(outputs=("model_output",))
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main([])
+    assert str(stop.value) == (
+        "deploy_model.py: job shy_lamp_42 has no output 'quantized_model_output' (it ran with --no-int4, or before "
+        "the int4 form existed); deploy its transformers model with --form transformers, or re-run setup_ml.py"
+    )
+    workspace.models.create_or_update.assert_not_called()
+
+
 def test_redeploy_updates_a_live_endpoint_in_place(workspace):
     live = ManagedOnlineEndpoint(name="finetune-phi-endpoint", auth_mode="key")
     live.traffic = {"finetune-phi-deployment": 100}
@@ -151,7 +177,7 @@ def test_job_name_flag_beats_the_recorded_one(workspace):
     deploy_model.main(["--job-name", "other_job_7"])
     workspace.jobs.get.assert_called_once_with("other_job_7")
     (model,), _ = workspace.models.create_or_update.call_args
-    assert model.path == "azureml://jobs/other_job_7/outputs/model_output"
+    assert model.path == "azureml://jobs/other_job_7/outputs/quantized_model_output"
 
 
 def test_no_recorded_job_is_a_clear_error(workspace, monkeypatch):
@@ -256,7 +282,7 @@ def test_deploy_needs_identity_and_names_filled(monkeypatch):
 def test_help_explains_every_flag():
     result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
-    for flag in ("--job-name", "--delete", "--yes", "--local", "--model-dir", "--port"):
+    for flag in ("--job-name", "--form", "--delete", "--yes", "--local", "--model-dir", "--port"):
         assert flag in result.stdout, flag
 
 

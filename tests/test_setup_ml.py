@@ -93,7 +93,8 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
     job = submitted_job_body(workspace)
     assert job["command"] == (
         "python fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
-        "--model_output_dir ${{outputs.model_output}} --save-steps 0"
+        "--model_output_dir ${{outputs.model_output}} --quantized_output_dir ${{outputs.quantized_model_output}} "
+        "--save-steps 0"
     )
     assert job["codeId"] == str(ROOT / "finetuning_dir")
     assert job["computeId"] == "gpu-nc24s-a100-v4"
@@ -102,7 +103,10 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
         "train_file": {"uri": str(chat_files[0]), "jobInputType": "uri_file"},
         "eval_file": {"uri": str(chat_files[1]), "jobInputType": "uri_file"},
     }
-    assert job["outputs"] == {"model_output": {"jobOutputType": "mlflow_model"}}
+    assert job["outputs"] == {
+        "model_output": {"jobOutputType": "mlflow_model"},
+        "quantized_model_output": {"jobOutputType": "mlflow_model"},  # the int4 form, beside the model
+    }
     assert job["resources"]["instanceCount"] == 1
     assert "distribution" not in job
     assert job["experimentName"] == "finetune-phi"
@@ -177,9 +181,17 @@ def test_cpu_and_unknown_sizes_run_one_process(workspace, capsys):
 def test_fine_tune_flags_and_model_name_reach_the_job_command(workspace):
     setup_ml.main(["--model-name", "microsoft/Phi-3-mini-4k-instruct", "--", "--lora", "--epochs", "1", "--checkpoint_dir", "a b"])
     assert submitted_job_body(workspace)["command"].endswith(
-        "--model_output_dir ${{outputs.model_output}} --save-steps 0 --model-name microsoft/Phi-3-mini-4k-instruct "
+        "--model_output_dir ${{outputs.model_output}} --quantized_output_dir ${{outputs.quantized_model_output}} "
+        "--save-steps 0 --model-name microsoft/Phi-3-mini-4k-instruct "
         "--lora --epochs 1 --checkpoint_dir 'a b'"
     )
+
+
+def test_no_int4_leaves_out_the_second_output(workspace):
+    setup_ml.main(["--no-int4"])
+    job = submitted_job_body(workspace)
+    assert job["outputs"] == {"model_output": {"jobOutputType": "mlflow_model"}}
+    assert "quantized" not in job["command"]
 
 
 def test_no_stream_submits_and_returns(workspace, tmp_path):
@@ -254,6 +266,7 @@ def test_local_runs_the_jobs_command_here(workspace, monkeypatch, tmp_path, tiny
     monkeypatch.setattr(setup_ml, "LOCAL_OUTPUTS", tmp_path / "outputs")
     model_dir = setup_ml.main(["--local", "--model-name", str(tiny_model_dir), "--", *TINY_TRAINING_FLAGS])
     assert (model_dir / "MLmodel").is_file()
+    assert (model_dir.parent / "model-int4" / "MLmodel").is_file(), "the int4 form, as the job writes it"
     assert model_dir.parent.parent == tmp_path / "outputs" / "models"
     assert (model_dir.parent / "checkpoints").is_dir()
     ran = capsys.readouterr().out
@@ -268,7 +281,7 @@ def test_help_explains_every_flag():
     result = run_script([ROOT / "setup_ml.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--cpu", "--compute-name", "--compute-size", "--location", "--instance-count", "--no-stream",
-                 "--model-name", "--local", "after --"):
+                 "--no-int4", "--model-name", "--local", "after --"):
         assert flag in result.stdout, flag
 
 
@@ -280,16 +293,17 @@ def test_the_jobs_command_uploads_only_the_model(workspace, tmp_path, tiny_model
     snapshot = tmp_path / "wd"
     # What Azure ML snapshots: the folder less what .gitignore names.
     shutil.copytree(ROOT / "finetuning_dir", snapshot, ignore=shutil.ignore_patterns("__pycache__", "mlruns", "checkpoints"))
-    model_output = tmp_path / "model_output"
+    model_output, int4_output = tmp_path / "model_output", tmp_path / "quantized_model_output"
     command = (command.replace("${{inputs.train_file}}", str(chat_files[0]))
                .replace("${{inputs.eval_file}}", str(chat_files[1]))
-               .replace("${{outputs.model_output}}", str(model_output)))
+               .replace("${{outputs.model_output}}", str(model_output))
+               .replace("${{outputs.quantized_model_output}}", str(int4_output)))
     args = shlex.split(command)[1:] + ["--model-name", str(tiny_model_dir), "--max-steps", "3", "--max-length", "256"]
     result = run_script(args, cwd=snapshot)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (model_output / "MLmodel").is_file()
+    assert (model_output / "MLmodel").is_file() and (int4_output / "MLmodel").is_file()
     written = sorted(p.name for p in snapshot.iterdir())
     assert "outputs" not in written and "mlruns" not in written, written
     assert not list(snapshot.rglob("checkpoint-*")), "the job writes no trainer checkpoints"
-    model_bytes = sum(f.stat().st_size for f in model_output.rglob("*") if f.is_file())
-    print(f"the job uploads {model_bytes / 2**20:.1f} MiB (the model output) and nothing under ./outputs")
+    sizes = [sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20 for out in (model_output, int4_output)]
+    print(f"the job uploads its two model outputs ({sizes[0]:.1f} and {sizes[1]:.1f} MiB) and nothing under ./outputs")
