@@ -11,15 +11,23 @@
    sends the same question to the flow's /score. Calls alternate direct / through the flow, so noise
    hits both alike; the flow's added latency is the difference of the p50s (and p99s), also under
    --concurrency clients.
-3. --big: Phi-3.5-mini-sized generation on this CPU, in process (model.generate with random
-   weights: the endpoint would run the same generate): time to the first token and per further
-   token, and the extrapolated time for max_new_tokens=128 against the deployment's 180 s limit.
+3. --big: Phi-3.5-mini-sized generation on this CPU, in process, random weights, for each form in
+   --big-forms: bfloat16 and float32 (transformers' model.generate, what the transformers MLflow
+   model runs) and int4 (onnxruntime-genai on the int4 ONNX form quantize_model.py writes, what
+   the int4 MLflow model runs): time to the first token and per further token, and the
+   time for max_new_tokens=128 (first + 127 x per token) against the deployment's 180 s limit.
+4. --big-endpoint: the same Phi-3.5-mini-sized model as the two MLflow models deploy_model.py
+   serves (the bf16 transformers folder and its int4 form), each behind the local endpoint:
+   --big-concurrency clients (the deployment's 3 concurrent requests) each asking for 128-token
+   answers: p50/p99 latency, tokens/s, and the server's resident memory.
 
 Default model: the tiny Phi-3 saved as an MLflow model with fine_tune.py's own save_mlflow_model.
 
     python benchmarks/bench_serving.py                                # tiny model, endpoint + flow
     python benchmarks/bench_serving.py --workers 1,2 --calls 300
     python benchmarks/bench_serving.py --big --skip-endpoint          # Phi-3.5-mini-sized on CPU
+    python benchmarks/bench_serving.py --skip-endpoint --big --big-forms bfloat16,float32,int4 --big-endpoint
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_serving.py ...  # torch limited to a Broadwell host's ISA
 """
 
 import argparse
@@ -41,8 +49,8 @@ from local.endpoint import stop  # noqa: E402
 ROOT = common.ROOT
 QUESTION = "Who founded Microsoft?"
 REQUEST_LIMIT_S = 180  # the deployment's request_timeout_ms (the tutorial's 180000)
-STANDARD_E4S_V3 = ("Standard_E4s_v3: 4 vCPUs (2 hyper-threaded cores of a Broadwell-to-Ice-Lake Xeon, no bf16 "
-                   "instructions), 32 GiB")
+STANDARD_E4S_V3 = ("Standard_E4s_v3: 4 vCPUs (2 hyper-threaded cores of a Broadwell, Skylake or Cascade Lake "
+                   "Xeon: AVX2 at least, bf16 instructions on none), 32 GiB")
 
 
 def parse_args(argv=None):
@@ -68,12 +76,31 @@ def parse_args(argv=None):
     parser.add_argument("--big-tokens", type=int, default=4, help="with --big: tokens generated in the longer run")
     parser.add_argument("--big-layers", type=int,
                         help="with --big: build only this many layers (a quick check; figures scale ~linearly)")
-    parser.add_argument("--big-dtypes", default="bfloat16",
-                        help="with --big: comma-separated dtypes to time (bfloat16, float32; float32 needs ~16 GB)")
+    parser.add_argument("--big-forms", default="bfloat16",
+                        help="with --big: comma-separated forms to time: bfloat16, float32 (torch; float32 needs "
+                             "~16 GB), int4 (onnxruntime-genai; built once from the bf16 model, ~10 min)")
     parser.add_argument("--big-threads", default="default",
                         help="with --big: comma-separated torch thread counts to time (default: torch's, one per core)")
+    parser.add_argument("--big-endpoint", action="store_true",
+                        help="serve the Phi-3.5-mini-sized bf16 transformers model and its int4 form through the "
+                             "local endpoint, one after the other, to concurrent clients")
+    parser.add_argument("--big-concurrency", type=int, default=3,
+                        help="with --big-endpoint: clients at once (default: 3, the deployment's concurrent requests)")
+    parser.add_argument("--big-calls", type=int, default=6, help="with --big-endpoint: calls in all, per form")
+    parser.add_argument("--big-answer-tokens", type=int, default=128,
+                        help="with --big-endpoint: max_new_tokens of each call (default: 128, the flow's)")
     parser.add_argument("--port", type=int, default=0, help="first port to use (default: free ports)")
     return parser.parse_args(argv)
+
+
+def cpu_capability() -> str:
+    """The widest vector ISA torch's kernels use here (AVX2, AVX512, ...), and whether bf16 is native."""
+    import torch
+
+    import fine_tune as ft
+
+    native = "native bf16" if ft.native_bf16() else "no native bf16"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {native}"
 
 
 def free_port() -> int:
@@ -288,51 +315,136 @@ def measure_endpoint(opts, services: Services, client: Client, workers: int, thr
     return rows
 
 
-def measure_big(opts) -> list[dict]:
-    """Phi-3.5-mini-sized generation on this CPU: first token, each further token, 128 extrapolated."""
-    import torch
-    from transformers import GenerationConfig
-
+def big_prompt():
     from local.tiny_phi3 import build_tokenizer
 
     tokenizer = build_tokenizer()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
                                            add_generation_prompt=True)
+    return tokenizer, prompt
+
+
+def torch_generator(dtype_name: str, layers: int | None):
+    """A timed `generate(n)` of exactly n new tokens with a Phi-3.5-mini-sized torch model."""
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer, prompt = big_prompt()
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model = common.random_phi35_mini("cpu", dtype=getattr(torch, dtype_name), layers=layers).eval()
+
+    def generate(n):
+        config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        with torch.inference_mode(), common.timed() as elapsed:
+            out = model.generate(input_ids, generation_config=config, attention_mask=torch.ones_like(input_ids))
+        assert out.shape[1] == input_ids.shape[1] + n
+        return elapsed()
+
+    return generate, model.config.num_hidden_layers, input_ids.shape[1]
+
+
+def int4_generator(onnx_dir: Path):
+    """A timed `generate(n)` of exactly n new tokens with the int4 form, as the int4 MLflow model runs it."""
+    import numpy as np
+
+    from int4_model import Int4ChatModel
+
+    _, prompt = big_prompt()
+    chat = Int4ChatModel()
+    chat.load(str(onnx_dir), "{prompt}")
+    prompt_ids = chat.tokenizer.encode(prompt)
+
+    def generate(n):
+        params = chat.og.GeneratorParams(chat.model)
+        params.set_search_options(max_length=len(prompt_ids) + n, min_length=len(prompt_ids) + n, do_sample=False)
+        with common.timed() as elapsed:
+            generator = chat.og.Generator(chat.model, params)
+            generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+            while not generator.is_done():
+                generator.generate_next_token()
+        assert generator.token_count() == len(prompt_ids) + n
+        return elapsed()
+
+    return generate, len(prompt_ids)
+
+
+def measure_big(opts) -> list[dict]:
+    """Phi-3.5-mini-sized generation on this CPU: first token, each further token, 128 tokens."""
+    import torch
+
     rows = []
     default_threads = torch.get_num_threads()
-    for dtype_name in filter(None, opts.big_dtypes.split(",")):
-        dtype = getattr(torch, dtype_name)
+    for form in filter(None, opts.big_forms.split(",")):
         with common.timed() as built:
-            model = common.random_phi35_mini("cpu", dtype=dtype, layers=opts.big_layers).eval()
-        n_params = sum(p.numel() for p in model.parameters())
-
-        def generate(n):
-            config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-            with torch.inference_mode(), common.timed() as elapsed:
-                out = model.generate(input_ids, generation_config=config, attention_mask=torch.ones_like(input_ids))
-            assert out.shape[1] == input_ids.shape[1] + n
-            return elapsed()
-
-        for threads in filter(None, opts.big_threads.split(",")):
-            torch.set_num_threads(default_threads if threads == "default" else int(threads))
+            if form == "int4":
+                _, int4_dir = common.build_serving_phi35_mini(big_models_dir(opts), layers=opts.big_layers)
+                generate, prompt_tokens = int4_generator(int4_dir / "artifacts" / "onnx")
+                layers = opts.big_layers or common.PHI35_MINI_CONFIG["num_hidden_layers"]
+            else:
+                generate, layers, prompt_tokens = torch_generator(form, opts.big_layers)
+        thread_counts = ["default"] if form == "int4" else filter(None, opts.big_threads.split(","))
+        for threads in thread_counts:
+            if form != "int4":
+                torch.set_num_threads(default_threads if threads == "default" else int(threads))
             generate(1)  # warm-up
             first = common.median([generate(1) for _ in range(2)])
             longer = common.median([generate(opts.big_tokens) for _ in range(2)])
             per_token = (longer - first) / (opts.big_tokens - 1)
             estimate_128 = first + 127 * per_token
+            used = torch.get_num_threads() if form != "int4" else common.cpu_count()
             rows.append({
-                "dtype": dtype_name, "threads": torch.get_num_threads(), "layers": model.config.num_hidden_layers,
-                "parameters": n_params, "prompt_tokens": input_ids.shape[1], "build_s": built(),
-                "first_token_s": first, "per_token_s": per_token, "tokens_per_s": 1 / per_token,
+                "form": form, "threads": used, "layers": layers, "prompt_tokens": prompt_tokens,
+                "build_s": built(), "first_token_s": first, "per_token_s": per_token, "tokens_per_s": 1 / per_token,
                 "est_128_tokens_s": estimate_128, "fits_180_s": estimate_128 < REQUEST_LIMIT_S,
+                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset"),
             })
-            print(f"big {dtype_name}, {torch.get_num_threads()} threads: first token {first:.2f} s, then "
-                  f"{per_token:.2f} s/token; 128 tokens ~ {estimate_128:.0f} s (limit {REQUEST_LIMIT_S} s); "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"big {form}, {used} threads: first token {first:.2f} s, then {per_token:.3f} s/token; "
+                  f"128 tokens ~ {estimate_128:.1f} s (limit {REQUEST_LIMIT_S} s); load {os.getloadavg()[0]:.2f}",
+                  flush=True)
         torch.set_num_threads(default_threads)
-        del model
+        del generate
+    bf16 = next((r for r in rows if r["form"] == "bfloat16" and r["threads"] == default_threads), None)
+    int4 = next((r for r in rows if r["form"] == "int4"), None)
+    if bf16 and int4:
+        print(f"int4 / bf16 tokens/s: {int4['tokens_per_s'] / bf16['tokens_per_s']:.2f}x", flush=True)
+    return rows
+
+
+def big_models_dir(opts) -> Path:
+    return common.SCRATCH / f"phi35-mini-serving-{opts.big_layers or 32}l"
+
+
+def server_rss_mb(process) -> float:
+    """Resident memory of a server process and all its children (azmlinfsrv's workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    except psutil.NoSuchProcess:
+        return float("nan")
+
+
+def measure_big_endpoint(opts, services: Services) -> list[dict]:
+    """The Phi-3.5-mini-sized model's two served forms through the local endpoint, to concurrent clients."""
+    from transformers import AutoTokenizer
+
+    model_dir, int4_dir = common.build_serving_phi35_mini(big_models_dir(opts), layers=opts.big_layers)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "components" / "tokenizer")
+    client = Client(services.key, opts.big_answer_tokens, tokenizer)
+    rows = []
+    for form, folder in (("bf16 transformers", model_dir), ("int4", int4_dir)):
+        url = services.endpoint(folder, "auto", 1, "default", opts.port or free_port())
+        client.direct(url)  # warm-up: the first request builds what the server builds lazily
+        samples, wall = concurrent(client.direct, url, opts.big_concurrency, opts.big_calls)
+        stats = latency_stats(samples, client, wall)
+        rows.append({"form": form, "clients": opts.big_concurrency, **stats,
+                     "server_rss_mb": server_rss_mb(services.processes[-1])})
+        print(f"endpoint {form}: p50 {stats['p50_ms'] / 1000:.1f} s, p99 {stats['p99_ms'] / 1000:.1f} s for "
+              f"{stats['tokens_per_answer']:.0f}-token answers, {opts.big_concurrency} clients; "
+              f"server RSS {rows[-1]['server_rss_mb']:,.0f} MB; load {os.getloadavg()[0]:.2f}", flush=True)
+        services.stop_all()
     return rows
 
 
@@ -355,7 +467,10 @@ def main(argv=None):
         "decoding": "greedy", "sequential_calls": opts.calls, "concurrency": opts.concurrency,
         "concurrent_calls": opts.concurrent_calls, "flow": not (opts.skip_flow or opts.skip_endpoint),
         "flow_engine": "fastapi", "question": QUESTION, "big": opts.big, "big_tokens": opts.big_tokens,
-        "big_layers": opts.big_layers or 32, "big_dtypes": opts.big_dtypes, "big_threads": opts.big_threads,
+        "big_layers": opts.big_layers or 32, "big_forms": opts.big_forms, "big_threads": opts.big_threads,
+        "big_endpoint": opts.big_endpoint, "big_concurrency": opts.big_concurrency, "big_calls": opts.big_calls,
+        "big_answer_tokens": opts.big_answer_tokens,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset"), "cpu_capability": cpu_capability(),
     })
 
     rows, big = [], []
@@ -378,14 +493,29 @@ def main(argv=None):
         common.print_table(rows, ["workers", "threads", "target", "phase", "calls", "p50_ms", "p99_ms", "mean_ms",
                                   "tokens_per_answer", "tokens_per_s", "answers_per_s"])
         print("(flow - endpoint rows: differences of p50 and p99; mean_ms there is the median of paired differences)")
+    big_endpoint = []
     if opts.big:
         big = measure_big(opts)
         print()
-        common.print_table(big, ["dtype", "threads", "layers", "parameters", "prompt_tokens", "first_token_s", "per_token_s",
+        common.print_table(big, ["form", "threads", "layers", "prompt_tokens", "first_token_s", "per_token_s",
                                  "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
-        print(f"measured on this machine; the tutorial's deployment runs on {STANDARD_E4S_V3}")
+    if opts.big_endpoint:
+        with tempfile.TemporaryDirectory(dir=common.SCRATCH) as tmp:
+            services = Services(Path(tmp))
+            try:
+                big_endpoint = measure_big_endpoint(opts, services)
+            except BaseException:
+                print(services.tail(), file=sys.stderr)
+                raise
+            finally:
+                services.stop_all()
+        print()
+        common.print_table(big_endpoint, ["form", "clients", "calls", "tokens_per_answer", "p50_ms", "p99_ms",
+                                          "answers_per_s", "tokens_per_s", "server_rss_mb"])
+    if opts.big or opts.big_endpoint:
+        print(f"measured on this machine ({cpu_capability()}); the tutorial's deployment runs on {STANDARD_E4S_V3}")
     print(f"loadavg after: {[round(x, 2) for x in os.getloadavg()]}")
-    common.emit_json("serving", {"endpoint": rows, "big": big})
+    common.emit_json("serving", {"endpoint": rows, "big": big, "big_endpoint": big_endpoint})
     return rows, big
 
 

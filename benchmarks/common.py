@@ -47,6 +47,14 @@ def setup_env() -> Path:
 # ---------------------------------------------------------------- the machine
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -341,6 +349,39 @@ def build_random_phi35_mini(out: Path, device: str = "cpu", layers: int | None =
     build_tokenizer().save_pretrained(out)
     del model
     return out
+
+
+def build_serving_phi35_mini(out: Path, layers: int | None = None) -> tuple[Path, Path]:
+    """Phi-3.5-mini-sized MLflow models for serving benchmarks: fine_tune.py's transformers folder
+    (`out/model`, bf16) and its int4 form (`out/model-int4`, quantize_model.py), built once.
+
+    The weights are random, but its answers must run to max_new_tokens to time 128-token answers:
+    the output rows of the stand-in tokenizer's special tokens (end markers among them) and of the
+    ids it cannot decode are zeroed, so greedy decoding picks an ordinary token every time. Same
+    shapes, same compute as the real model.
+    """
+    import torch
+
+    import fine_tune as ft
+    import quantize_model
+    from local.tiny_phi3 import build_tokenizer
+
+    model_dir, int4_dir = out / "model", out / "model-int4"
+    if not (model_dir / "MLmodel").exists():
+        tokenizer = build_tokenizer()
+        model = random_phi35_mini("cpu", layers=layers)
+        ordinary = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        ordinary[: len(tokenizer)] = True
+        ordinary[tokenizer.all_special_ids] = False
+        with torch.no_grad():
+            model.lm_head.weight[~ordinary] = 0
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        ft.save_mlflow_model(model, ft.configure_tokenizer(tokenizer, 4096), str(model_dir))
+        del model
+    if not (int4_dir / "MLmodel").exists():
+        quantize_model.quantize(model_dir, int4_dir)
+    return model_dir, int4_dir
 
 
 def tiny_model(out: Path | None = None) -> Path:

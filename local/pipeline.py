@@ -5,10 +5,13 @@ Each step is the learner's own command, printed before it runs:
      tip, train_sft[:10]); otherwise ultrachat-shaped sample chats made on the spot.
   2. setup_ml.py --local: the Azure job's fine_tune.py command, run here, on a tiny Phi-3 model
      built from a config (unless --model-name names another) into outputs/models/<run>/model.
-  3. deploy_model.py --local: that model behind a local endpoint with the Azure managed online
-     endpoint's scoring contract, in the background (its URI and key go to .env);
-  4. pf flow test: one question through the tutorial's Prompt flow to that endpoint; then the
-     endpoint is stopped (--keep-endpoint leaves it running) and the way to the chat page is shown.
+     It also writes the model's int4 ONNX serving form beside it (outputs/models/<run>/model-int4).
+  3. deploy_model.py --local: each form behind a local endpoint with the Azure managed online
+     endpoint's scoring contract, in the background (its URI and key go to .env), the
+     transformers model first, then the int4 form that deploy_model.py serves by default;
+  4. pf flow test: one question through the tutorial's Prompt flow to each; each endpoint is
+     stopped afterwards (--keep-endpoint leaves the int4 one running) and the way to the chat page
+     is shown.
 
     make local            # sets up .venv first
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
@@ -35,7 +38,7 @@ QUESTION = "Who founded Microsoft?"
 CHAT_HOW_TO = """
 To chat with the model in your browser, in two terminals:
   . .venv/bin/activate
-  python deploy_model.py --local                                           # terminal 1: the endpoint (Ctrl-C stops it)
+  python deploy_model.py --local                                           # terminal 1: the int4 endpoint (Ctrl-C stops it)
   pf flow serve --source ./ --port 8080 --host localhost --engine fastapi  # terminal 2: the flow and its chat page
 then open http://localhost:8080/ (or POST {{"input_data": "..."}} to http://localhost:8080/score).{running}"""
 
@@ -58,11 +61,11 @@ def fine_tune(model_name: str | None) -> None:
     run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
 
 
-def start_endpoint(port: int, model_dir: Path | None = None) -> subprocess.Popen:
-    """`deploy_model.py --local` (default: the newest local model) in the background, once it is live."""
+def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> subprocess.Popen:
+    """`deploy_model.py --local` (default: the newest local model of `form`) in the background, once it is live."""
     command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
-    command += ["--model-dir", str(model_dir)] if model_dir else []
-    print(f"\n== Step 3: serve the model at a local endpoint (in the background; log: "
+    command += ["--model-dir", str(model_dir)] if model_dir else ["--form", form]
+    print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
           f"{os.path.relpath(ENDPOINT_LOG, ROOT)})\n$ {shlex.join(command)}", flush=True)
     # Its own session, so that Ctrl-C on `make local` reaches it only through stop_endpoint.
     process = subprocess.Popen(command, cwd=ROOT, stdout=open(ENDPOINT_LOG, "w"), stderr=subprocess.STDOUT,
@@ -102,19 +105,17 @@ def ask_the_flow(question: str) -> str:
     return json.loads(result.stdout[result.stdout.rindex("{"):])["answer"]
 
 
-def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None) -> str:
-    """Steps 3 and 4; the endpoint is stopped afterwards unless asked to keep it."""
-    endpoint = start_endpoint(port, model_dir)
+def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None,
+                  form: str = "int4") -> tuple[str, subprocess.Popen]:
+    """Steps 3 and 4 for one form of the model; the endpoint is stopped afterwards unless asked to keep it."""
+    endpoint = start_endpoint(port, model_dir, form)
     try:
         answer = ask_the_flow(question)
     finally:
         if not keep_endpoint:
             stop_endpoint(endpoint)
-    print(f"\nQ: {question}\nA: {answer}")
-    running = (f"\n\nThe endpoint is still running (pid {endpoint.pid}, port {port}): skip terminal 1, "
-               f"and stop it with `kill {endpoint.pid}`." if keep_endpoint else "")
-    print(CHAT_HOW_TO.format(running=running))
-    return answer
+    print(f"\nQ: {question}\nA ({form}): {answer}")
+    return answer, endpoint
 
 
 def main(argv=None):
@@ -136,8 +137,12 @@ def main(argv=None):
         fine_tune(args.model_name)
     except subprocess.CalledProcessError as e:
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
-    print("\nThe fine-tuned MLflow model is the newest outputs/models/<run>/model")
-    serve_and_ask(args.port, args.keep_endpoint)
+    print("\nThe fine-tuned MLflow model is the newest outputs/models/<run>/model, its int4 form .../model-int4")
+    serve_and_ask(args.port, keep_endpoint=False, form="transformers")
+    _, endpoint = serve_and_ask(args.port, args.keep_endpoint, form="int4")
+    running = (f"\n\nThe int4 endpoint is still running (pid {endpoint.pid}, port {args.port}): skip terminal 1, "
+               f"and stop it with `kill {endpoint.pid}`." if args.keep_endpoint else "")
+    print(CHAT_HOW_TO.format(running=running))
 
 
 if __name__ == "__main__":

@@ -321,11 +321,13 @@ def test_the_local_pipeline_serves_asks_and_stops_the_endpoint(fine_tuned_model,
     monkeypatch.setattr(pipeline, "ENDPOINT_LOG", tmp_path / "local-endpoint.log")
     monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(tmp_path / ".env"))
     port = free_port()
-    assert pipeline.serve_and_ask(port, keep_endpoint=False, model_dir=fine_tuned_model) == ANSWER
+    answer, endpoint = pipeline.serve_and_ask(port, keep_endpoint=False, model_dir=fine_tuned_model, form="transformers")
+    assert answer == ANSWER
+    assert endpoint.poll() is not None, "the endpoint was stopped"
     printed = capsys.readouterr().out
     assert f"$ {pipeline.sys.executable} deploy_model.py --local --port {port} --model-dir {fine_tuned_model}" in printed
-    assert f"Q: {QUESTION}\nA: {ANSWER}\n" in printed
-    assert "pf flow serve --source ./ --port 8080 --host localhost --engine fastapi" in printed
+    assert f"Q: {QUESTION}\nA (transformers): {ANSWER}\n" in printed
+    assert "pf flow serve --source ./ --port 8080 --host localhost --engine fastapi" in pipeline.CHAT_HOW_TO
     assert f"AZURE_ML_ENDPOINT=http://127.0.0.1:{port}/score" in (tmp_path / ".env").read_text()
     assert (tmp_path / "promptflow" / "pf.yaml").read_text().startswith("telemetry:\n  enabled: 'false'")
     assert not port_is_open(port), "the endpoint is stopped at the end"
