@@ -13,6 +13,9 @@ The job is the one setup_ml.py recorded in .env (AZURE_ML_JOB_NAME) unless --job
 
 An endpoint costs money while it exists, even idle: `--delete --yes` removes it.
 
+`--connect` only writes a live endpoint's scoring URI and key into .env: switching the Prompt flow
+back to Azure after `--local` needs no redeploy.
+
 The int4 form is the default: on the deployment's 4 vCPUs it answers several times faster than the
 bf16 transformers model, at the same test loss within a few tenths of a percent (BENCHMARKS.md).
 
@@ -23,6 +26,7 @@ endpoint's scoring contract.
     python deploy_model.py
     python deploy_model.py --job-name <name>
     python deploy_model.py --delete --yes
+    python deploy_model.py --connect                # the flow talks to the Azure endpoint again
     python deploy_model.py --local
 """
 
@@ -36,6 +40,8 @@ from pathlib import Path
 
 from azure.ai.ml.constants import AssetTypes
 from azure.ai.ml.entities import (
+    CodeConfiguration,
+    Environment,
     IdentityConfiguration,
     ManagedIdentityConfiguration,
     ManagedOnlineDeployment,
@@ -49,7 +55,14 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 import config
 from ml_client import get_ml_client
 
+ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
+# The int4 form is an MLflow pyfunc model, for which Azure's own scoring expects the pandas split
+# form, not the list of questions the flow sends: it is deployed with the project's scoring script
+# (the local endpoint's), in an environment of its pinned, CPU-only requirements.
+SCORING_DIR = ROOT / "scoring"
+SERVING_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+SERVING_ENV_NAME = "finetune-phi-int4-serving"
 # The two forms of the fine-tuned model a job writes: (job output, registered name suffix, local folder).
 FORMS = {
     "int4": ("quantized_model_output", "-int4", "model-int4"),
@@ -145,15 +158,25 @@ def create_or_update_endpoint(ml_client, endpoint_name, description=""):
     return wait_with_progress(ml_client.online_endpoints.begin_create_or_update(endpoint), "endpoint")
 
 
-def build_deployment(endpoint_name, deployment_name, model_id, instance_type=COMPUTE_INSTANCE_TYPE):
+def int4_serving():
+    """The scoring script and environment the int4 form is served with (see SCORING_DIR)."""
+    code = CodeConfiguration(code=str(SCORING_DIR), scoring_script="score.py")
+    environment = Environment(name=SERVING_ENV_NAME, image=SERVING_IMAGE, conda_file=str(SCORING_DIR / "conda.yml"))
+    return code, environment
+
+
+def build_deployment(endpoint_name, deployment_name, model_id, form="transformers", instance_type=COMPUTE_INSTANCE_TYPE):
     """The deployment: one CPU instance, the tutorial's settings within Azure's limits."""
     # A ~7.6 GB bf16 model takes minutes to download and load: probes start after 500 s and
     # allow 30 misses 100 s apart, as in the tutorial.
     probe = ProbeSettings(failure_threshold=30, success_threshold=1, period=100, initial_delay=500)
+    code, environment = int4_serving() if form == "int4" else (None, None)  # transformers: Azure's own scoring
     return ManagedOnlineDeployment(
         name=deployment_name,
         endpoint_name=endpoint_name,
         model=model_id,
+        code_configuration=code,
+        environment=environment,
         instance_type=instance_type,
         instance_count=1,
         environment_variables=deployment_env_vars(),
@@ -198,7 +221,11 @@ def set_traffic_to_deployment(ml_client, endpoint_name, deployment_name):
 
 def save_endpoint_settings(ml_client, endpoint_name):
     """Write the scoring URI and primary key into .env for the Prompt flow."""
-    scoring_uri = ml_client.online_endpoints.get(name=endpoint_name).scoring_uri
+    try:
+        scoring_uri = ml_client.online_endpoints.get(name=endpoint_name).scoring_uri
+    except ResourceNotFoundError:
+        sys.exit(f"deploy_model.py: no endpoint named '{endpoint_name}' in this workspace; deploy one first with "
+                 "`python deploy_model.py`, or check AZURE_ENDPOINT_NAME")
     key = ml_client.online_endpoints.get_keys(name=endpoint_name).primary_key
     path = config.save_settings(AZURE_ML_ENDPOINT=scoring_uri, AZURE_ML_API_KEY=key)
     print(f"Scoring URI: {scoring_uri}\nWrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {path}")
@@ -233,7 +260,7 @@ def deploy(job_name, form):
     check_job(ml_client, job_name, form)
     model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name, form)
     create_or_update_endpoint(ml_client, config.AZURE_ENDPOINT_NAME, "Endpoint for finetuned Phi-3 model")
-    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, model.id)
+    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, model.id, form)
     create_or_update_deployment(ml_client, deployment)
     set_traffic_to_deployment(ml_client, config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME)
     save_endpoint_settings(ml_client, config.AZURE_ENDPOINT_NAME)
@@ -251,6 +278,9 @@ def parse_args(argv=None):
                              "(default: int4)")
     parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments")
     parser.add_argument("--yes", action="store_true", help="confirm --delete without asking")
+    parser.add_argument("--connect", action="store_true",
+                        help="only write the live endpoint's scoring URI and primary key into .env (AZURE_ML_ENDPOINT, "
+                             "AZURE_ML_API_KEY), e.g. to switch the Prompt flow back from --local; deploys nothing")
     parser.add_argument("--local", action="store_true",
                         help="serve a local model at http://127.0.0.1:PORT/score instead of deploying to Azure")
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -276,6 +306,9 @@ def main(argv=None):
         from local.endpoint import serve_local
 
         return serve_local(args.model_dir, args.port, folder=FORMS[args.form][2])
+    if args.connect:
+        config.require("AZURE_ENDPOINT_NAME")
+        return save_endpoint_settings(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
     if args.delete:
         config.require("AZURE_ENDPOINT_NAME")
         if confirm_delete(args):

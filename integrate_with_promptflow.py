@@ -12,11 +12,14 @@ exactly as to an Azure ML managed online endpoint (the local endpoint of `python
     tutorial's 0.7, 0 for greedy decoding; AZURE_ML_MAX_NEW_TOKENS, default 128);
   * every request has a timeout (AZURE_ML_REQUEST_TIMEOUT seconds, default 190: a little more than
     the deployment's 180 s request timeout); 429, 503 and connection errors are retried with
-    backoff; any other failure ends with one message naming the HTTP status and the likely fix.
+    backoff; any other failure ends with one message naming the HTTP status and the likely fix;
+  * a failure of the model itself, which Azure's gateway reports as 424 with the model's own
+    status in the ms-azureml-model-error-statuscode header, is named with that status.
 """
 
 import asyncio
 import logging
+import os
 import platform
 
 import requests
@@ -25,6 +28,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 import config
+
+# `pf flow serve`'s Flask engine would load .env into the environment once, at start, where it would
+# shadow the .env this tool reads at each question (a restarted endpoint's new URI and key).
+os.environ.setdefault("FLASK_SKIP_DOTENV", "1")
 
 SETTINGS = (
     "AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", "AZURE_ML_REQUEST_TIMEOUT", "AZURE_ML_TEMPERATURE", "AZURE_ML_MAX_NEW_TOKENS"
@@ -38,6 +45,8 @@ logging.basicConfig(
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 190.0
+# Azure's gateway answers 424 when the model's container fails, with the container's status here.
+MODEL_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 RETRIES = 3
 BACKOFF_FACTOR = 1.0  # waits 0 s, 2 s, 4 s between tries (or what a Retry-After header asks)
 RETRY_STATUSES = (429, 503)
@@ -58,6 +67,15 @@ FIXES = {
          "instances",
     503: f"the endpoint is unavailable (starting, or overloaded), still after {RETRIES} retries: wait until it is "
          "live, then ask again",
+}
+
+
+MODEL_FIXES = {
+    "400": "the model refused the request: its message says what to change (a setting such as AZURE_ML_MAX_NEW_TOKENS "
+           "or AZURE_ML_TEMPERATURE, or the question)",
+    "408": "the model took longer than the deployment's 180 s request timeout: ask for a shorter answer "
+           "(AZURE_ML_MAX_NEW_TOKENS), or deploy the int4 form (python deploy_model.py --form int4)",
+    "500": "the model failed: read the deployment's logs (the studio's endpoint page, Logs tab)",
 }
 
 
@@ -191,6 +209,12 @@ def query_azml_endpoint(input_data: str, endpoint_url: str, api_key: str, timeou
         ) from None
     except requests.exceptions.RequestException as e:
         raise EndpointError(f"the request to {endpoint_url} failed: {e}") from None
+    if response.status_code == 424:
+        model_status = response.headers.get(MODEL_STATUS_HEADER, "unknown")
+        fix = MODEL_FIXES.get(model_status, MODEL_FIXES["500"])
+        raise EndpointError(
+            f"the model behind {endpoint_url} failed with HTTP {model_status} ({server_message(response)}): {fix}"
+        )
     if response.status_code != 200:
         fix = FIXES.get(response.status_code) or "check the deployment's logs (or the local endpoint's console)"
         raise EndpointError(

@@ -57,11 +57,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path,
                         help="the MLflow model folder to serve (default: the tiny Phi-3 saved as fine_tune.py saves)")
-    parser.add_argument("--server", choices=["auto", "azmlinfsrv", "uvicorn"], default="auto",
-                        help="the local endpoint's server (local/endpoint.py --server; auto: azmlinfsrv when built)")
     parser.add_argument("--workers", default="1",
                         help="comma-separated azmlinfsrv WORKER_COUNT values to measure, each with its own endpoint "
-                             "(Azure's default is 1; ignored by the uvicorn server, which has one)")
+                             "(Azure's default is 1)")
     parser.add_argument("--threads", default="default",
                         help="comma-separated torch threads per server worker to measure (OMP_NUM_THREADS for the "
                              "endpoint): default (torch's choice, one per core) or a number")
@@ -173,12 +171,12 @@ class Services:
         self.processes.append(process)
         return process
 
-    def endpoint(self, model_dir: Path, server: str, workers: int, threads: str, port: int) -> str:
+    def endpoint(self, model_dir: Path, workers: int, threads: str, port: int) -> str:
         extra = {"WORKER_COUNT": str(workers)}
         if threads != "default":
             extra.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        process = self.start([sys.executable, "-m", "local.endpoint", "--model-dir", model_dir, "--port", port,
-                              "--server", server], f"endpoint-{port}", **extra)
+        process = self.start([sys.executable, "-m", "local.endpoint", "--model-dir", model_dir, "--port", port],
+                             f"endpoint-{port}", **extra)
         base = f"http://127.0.0.1:{port}"
         wait_for(base + "/", process, "the local endpoint")
         return base + "/score"
@@ -267,7 +265,7 @@ def concurrent(call, url: str, clients: int, calls: int) -> tuple[list, float]:
 
 
 def measure_endpoint(opts, services: Services, client: Client, workers: int, threads: str) -> list[dict]:
-    endpoint_url = services.endpoint(opts.model_dir, opts.server, workers, threads, opts.port or free_port())
+    endpoint_url = services.endpoint(opts.model_dir, workers, threads, opts.port or free_port())
     flow_url = None if opts.skip_flow else services.flow(endpoint_url, free_port(), opts.max_new_tokens)
     targets = {"endpoint": (client.direct, endpoint_url)}
     if flow_url:
@@ -435,7 +433,7 @@ def measure_big_endpoint(opts, services: Services) -> list[dict]:
     client = Client(services.key, opts.big_answer_tokens, tokenizer)
     rows = []
     for form, folder in (("bf16 transformers", model_dir), ("int4", int4_dir)):
-        url = services.endpoint(folder, "auto", 1, "default", opts.port or free_port())
+        url = services.endpoint(folder, 1, "default", opts.port or free_port())
         client.direct(url)  # warm-up: the first request builds what the server builds lazily
         samples, wall = concurrent(client.direct, url, opts.big_concurrency, opts.big_calls)
         stats = latency_stats(samples, client, wall)
@@ -454,15 +452,12 @@ def main(argv=None):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from local.endpoint import choose_server
-
     workers = [int(w) for w in opts.workers.split(",") if w]
     thread_counts = [t.strip() for t in opts.threads.split(",") if t.strip()]
-    server = None if opts.skip_endpoint else choose_server(opts.server)
     if opts.model_dir is None and not opts.skip_endpoint:
         opts.model_dir = tiny_mlflow_model(common.SCRATCH / "tiny-mlflow-model")
     common.print_header("Serving latency", {
-        "model_dir": str(opts.model_dir), "server": server, "workers": workers, "threads": thread_counts,
+        "model_dir": str(opts.model_dir), "server": "azmlinfsrv 1.5.1", "workers": workers, "threads": thread_counts,
         "max_new_tokens": opts.max_new_tokens,
         "decoding": "greedy", "sequential_calls": opts.calls, "concurrency": opts.concurrency,
         "concurrent_calls": opts.concurrent_calls, "flow": not (opts.skip_flow or opts.skip_endpoint),

@@ -2,15 +2,18 @@
 
 It speaks what the tutorial's endpoint speaks: POST /score with `Authorization: Bearer <key>`
 and {"input_data": [...], "params": {...}}, answered with a JSON list of strings; GET / is the
-liveness probe. The server is azmlinfsrv (azureml-inference-server-http), the one Azure runs in
-every managed online deployment, started from its own virtualenv .venv-azmlinfsrv (`make
-setup` builds it; see requirements-azmlinfsrv.txt). Without that virtualenv, uvicorn serves the
-same scoring module (local/score.py) from the main .venv. Both bind 127.0.0.1 only: the key
-travels in plain HTTP here, unlike Azure's HTTPS.
+liveness probe. The server is azmlinfsrv (azureml-inference-server-http) 1.5.1, the one Azure runs
+in every managed online deployment, in its own virtualenv .venv-azmlinfsrv (`make setup` builds
+it; see requirements-azmlinfsrv.txt), running scoring/score.py, which answers as Azure's MLflow
+scoring does (README: "What the local endpoint is, and is not"). local/gateway.py starts it bound
+to 127.0.0.1 and checks the key, as Azure's gateway does; the key travels in plain HTTP here.
 
-The key is AZURE_ML_API_KEY when it is set (environment or .env), otherwise a fresh random one;
-the scoring URI and the key are written to .env as AZURE_ML_ENDPOINT / AZURE_ML_API_KEY, where
-the Prompt flow reads them.
+The key is a fresh random one, or the one in .env when .env already points at a local endpoint
+(so a restarted endpoint keeps its key); the scoring URI and the key are written to .env as
+AZURE_ML_ENDPOINT / AZURE_ML_API_KEY, where the Prompt flow reads them. An Azure endpoint's values
+there are replaced; `python deploy_model.py --connect` writes them back, with no redeploy.
+
+Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they are doing.
 
     python deploy_model.py --local                        # the learner's command
     python -m local.endpoint --model-dir outputs/models/<run>/model --port 5001
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 
@@ -33,15 +37,13 @@ import config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
-SCORE_SCRIPT = Path(__file__).resolve().with_name("score.py")
+SCORE_SCRIPT = ROOT / "scoring" / "score.py"
 AZMLINFSRV_VENV = ROOT / ".venv-azmlinfsrv"
 # The deployment's request_timeout_ms in deploy_model.py: azmlinfsrv gives up on run() after it.
 SCORING_TIMEOUT_MS = 180_000
-# azmlinfsrv binds 0.0.0.0 with no option to change it; this launcher narrows it to our host.
-AZMLINFSRV_LAUNCHER = (
-    "import os, azureml_inference_server_http.amlserver as server; "
-    "server.DEFAULT_HOST = os.environ['LOCAL_ENDPOINT_HOST']; server.run()"
-)
+# How long gunicorn gets to stop on SIGINT (its quick shutdown) before the whole group is killed.
+STOP_GRACE_S = 5
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def latest_local_model(folder: str = "model") -> Path:
@@ -65,11 +67,17 @@ def check_model_dir(model_dir: Path) -> Path:
     return model_dir
 
 
+def is_local(url: str) -> bool:
+    return urlparse(url).hostname in LOCAL_HOSTS
+
+
 def endpoint_key() -> str:
-    """AZURE_ML_API_KEY when it is set, so a restarted endpoint keeps its key; else a new one."""
-    if config.is_placeholder(config.AZURE_ML_API_KEY) or not config.AZURE_ML_API_KEY.strip():
-        return secrets.token_urlsafe(32)
-    return config.AZURE_ML_API_KEY
+    """The key of the local endpoint already in .env (a restart keeps it), else a new one; never an Azure key."""
+    if is_local(config.current_setting("AZURE_ML_ENDPOINT")):
+        key = config.current_setting("AZURE_ML_API_KEY")
+        if key.strip() and not config.is_placeholder(key):
+            return key
+    return secrets.token_urlsafe(32)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -83,26 +91,17 @@ def check_port_free(host: str, port: int) -> None:
             )
 
 
-def azmlinfsrv_python() -> Path | None:
-    """The interpreter of .venv-azmlinfsrv when that virtualenv is built, else None."""
+def azmlinfsrv_python() -> Path:
+    """The interpreter of .venv-azmlinfsrv; one line if that virtualenv is not built."""
     python = AZMLINFSRV_VENV / "bin" / "python"
-    return python if (AZMLINFSRV_VENV / ".installed").exists() and python.exists() else None
+    if not ((AZMLINFSRV_VENV / ".installed").exists() and python.exists()):
+        sys.exit(f"local endpoint: {AZMLINFSRV_VENV.name} (Azure's inference server) is not built; run `make setup`")
+    return python
 
 
-def choose_server(server: str) -> str:
-    if server == "auto":
-        return "azmlinfsrv" if azmlinfsrv_python() else "uvicorn"
-    if server == "azmlinfsrv" and not azmlinfsrv_python():
-        sys.exit(f"local endpoint: {AZMLINFSRV_VENV.name} is not built; run `make setup`, or pass --server uvicorn")
-    return server
-
-
-def server_command(server: str, model_dir: Path, host: str, port: int) -> list[str]:
-    if server == "azmlinfsrv":
-        return [str(azmlinfsrv_python()), "-c", AZMLINFSRV_LAUNCHER, "--entry_script", str(SCORE_SCRIPT),
-                "--model_dir", str(model_dir), "--port", str(port)]
-    return [sys.executable, "-m", "uvicorn", "--factory", "local.endpoint:create_fastapi_app",
-            "--host", host, "--port", str(port), "--no-access-log"]
+def server_command(model_dir: Path, port: int) -> list[str]:
+    return [str(azmlinfsrv_python()), "-m", "local.gateway", "--entry_script", str(SCORE_SCRIPT),
+            "--model_dir", str(model_dir), "--port", str(port)]
 
 
 def stage_model(model_dir: Path, staging: Path) -> Path:
@@ -127,7 +126,8 @@ def server_environment(azureml_model_dir: Path, host: str, key: str) -> dict:
         "SCORING_TIMEOUT_MS": str(SCORING_TIMEOUT_MS),
         # gunicorn 27 would open a control socket in ~/.gunicorn, shared by every endpoint here.
         "GUNICORN_CMD_ARGS": "--no-control-socket",
-        "PYTHONPATH": str(ROOT),  # for the uvicorn fallback's `local.endpoint` import
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": str(ROOT),  # for `-m local.gateway`
     }
 
 
@@ -141,14 +141,15 @@ def _die_with_parent():
         pass
 
 
-def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path, server: str):
-    """Start the server process on `model_dir`, staged under `staging`; it loads the model next."""
-    print(f"Starting {server} with {model_dir} ...", flush=True)
+def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path):
+    """Start azmlinfsrv on `model_dir`, staged under `staging`, in a process group of its own."""
+    print(f"Starting azmlinfsrv with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
     return subprocess.Popen(
-        server_command(server, azureml_model_dir, host, port),
+        server_command(azureml_model_dir, port),
         cwd=ROOT,
         env=server_environment(azureml_model_dir, host, key),
+        start_new_session=True,  # Ctrl-C in the terminal reaches it only through stop()
         preexec_fn=_die_with_parent,
     )
 
@@ -165,31 +166,50 @@ def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
     sys.exit(f"local endpoint: the server exited with code {process.returncode} while starting; see its output above")
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop the server and its workers: gunicorn's quick shutdown, then SIGKILL for whatever is left.
+
+    A worker in the middle of a generation does not return to Python until it ends (minutes for a
+    long answer on a CPU), so the group is killed after `grace_s` seconds.
+    """
     if process.poll() is None:
-        process.terminate()
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
-def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", server: str = "auto",
-                folder: str = "model") -> None:
+def write_settings(url: str, key: str) -> Path:
+    """The URI and key into .env for the flow; say so when they replace an Azure endpoint's."""
+    previous = config.current_setting("AZURE_ML_ENDPOINT")
+    env_file = config.save_settings(AZURE_ML_ENDPOINT=url, AZURE_ML_API_KEY=key)
+    if previous and not config.is_placeholder(previous) and not is_local(previous):
+        print(f"Replaced the Azure endpoint {previous} in {env_file}; `python deploy_model.py --connect` "
+              "switches the flow back to it (no redeploy).", flush=True)
+    return env_file
+
+
+def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", folder: str = "model") -> None:
     """Serve an MLflow model folder (default: the newest local <run>/<folder>) until Ctrl-C or SIGTERM."""
     model_dir = check_model_dir(model_dir) if model_dir else latest_local_model(folder)
-    server = choose_server(server)
+    azmlinfsrv_python()
     check_port_free(host, port)
     key = endpoint_key()
     base_url = f"http://{host}:{port}"
-    env_file = config.save_settings(AZURE_ML_ENDPOINT=f"{base_url}/score", AZURE_ML_API_KEY=key)
+    env_file = write_settings(f"{base_url}/score", key)
 
     staging = tempfile.TemporaryDirectory(prefix="finetune-phi-endpoint-")
-    process = start_server(model_dir, host, port, key, Path(staging.name), server)
-    # SIGTERM (a service manager, the pipeline, a test) stops the server like Ctrl-C does.
+    # SIGTERM (a service manager, the pipeline, a test) stops the server as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    process = None
     try:
+        process = start_server(model_dir, host, port, key, Path(staging.name))
         wait_until_live(process, base_url)
         print(
             f"\nLocal endpoint ready: {base_url}/score (liveness: GET {base_url}/)\n"
@@ -203,37 +223,9 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
     except KeyboardInterrupt:
         print("\nStopping the local endpoint.", flush=True)
     finally:
-        stop(process)
+        if process is not None:
+            stop(process)
         staging.cleanup()
-
-
-def create_fastapi_app():
-    """The uvicorn fallback: local/score.py behind FastAPI, as azmlinfsrv would serve it."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from starlette.concurrency import run_in_threadpool
-
-    from local import score
-
-    score.init()
-    app = FastAPI(title="finetune-phi local endpoint", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/", response_class=PlainTextResponse)
-    def liveness():
-        return "Healthy"
-
-    @app.post("/score")
-    async def handle_score(request: Request):
-        body = await request.body()
-        try:
-            # Generation is CPU-bound: run it off the event loop (score.py serializes it).
-            status, payload = await run_in_threadpool(score.respond, request.headers.get("Authorization"), body)
-        except Exception:
-            score.logger.exception("scoring failed")
-            status, payload = 500, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}
-        return JSONResponse(payload, status_code=status)
-
-    return app
 
 
 def main(argv=None):
@@ -242,11 +234,8 @@ def main(argv=None):
                         help="the MLflow model folder to serve (default: the newest outputs/models/<run>/model)")
     parser.add_argument("--port", type=int, default=5001, help="port to serve on (default: 5001, azmlinfsrv's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--server", choices=["auto", "azmlinfsrv", "uvicorn"], default="auto",
-                        help="azmlinfsrv (Azure's server, from .venv-azmlinfsrv), uvicorn (from .venv), or auto: "
-                             "azmlinfsrv when its virtualenv is built (default)")
     args = parser.parse_args(argv)
-    serve_local(args.model_dir, args.port, args.host, args.server)
+    serve_local(args.model_dir, args.port, args.host)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fixtures for the chat tests: the local endpoint, `pf`, and stand-in servers, all on 127.0.0.1.
 
 Every server runs as the learner would start it (a subprocess of the project's own command) on a
-free port, in its own process group, and is stopped, with its children, when its fixture ends.
+free port, and is stopped, with every process it started (azmlinfsrv runs in a process group of
+its own), when its fixture ends, also when the test failed.
 Prompt flow's home is a quiet project-local folder (local/pf_home.py): no telemetry, no trace
 service, nothing left running.
 """
@@ -17,6 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -69,38 +71,40 @@ class Server:
             time.sleep(0.5)
         raise AssertionError(f"server not live after {timeout} s:\n{self.output()[-4000:]}")
 
+    def descendants(self) -> list:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
-        """Stop the command the learner would stop (Ctrl-C or SIGTERM), then whatever is left."""
+        """Stop the command the learner would stop (Ctrl-C or SIGTERM), then whatever it left."""
+        family = self.descendants()  # now: once the command exits, its orphans are no longer its children
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.process.kill()
+        for process in family:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
                 pass
-        try:  # anything left in the group (the command's own children) goes too
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait()
         return self.process.returncode
 
 
 class Endpoint(Server):
-    """The local endpoint: `python deploy_model.py --local` (or python -m local.endpoint --server ...)."""
+    """The local endpoint, as the learner starts it: `python deploy_model.py --local --model-dir ...`."""
 
-    def __init__(self, model_dir: Path, workdir: Path, server: str = "auto", key: str | None = None):
+    def __init__(self, model_dir: Path, workdir: Path):
         self.port = free_port()
         self.env_file = workdir / ".env"
         self.url = f"http://127.0.0.1:{self.port}/score"
-        env = {"FINETUNE_PHI_ENV_FILE": str(self.env_file)}
-        if key:
-            env["AZURE_ML_API_KEY"] = key
-        if server == "auto":  # the learner's command
-            command = [sys.executable, "deploy_model.py", "--local", "--model-dir", model_dir, "--port", self.port]
-        else:
-            command = [sys.executable, "-m", "local.endpoint", "--server", server,
-                       "--model-dir", model_dir, "--port", self.port]
-        super().__init__(command, env, workdir / f"endpoint-{server}.log", f"http://127.0.0.1:{self.port}/")
+        command = [sys.executable, "deploy_model.py", "--local", "--model-dir", model_dir, "--port", self.port]
+        super().__init__(command, {"FINETUNE_PHI_ENV_FILE": str(self.env_file)}, workdir / "endpoint.log",
+                         f"http://127.0.0.1:{self.port}/")
 
     def settings(self) -> dict:
         """What the endpoint wrote to its .env file."""
@@ -111,20 +115,21 @@ class Endpoint(Server):
     def key(self) -> str:
         return self.settings()["AZURE_ML_API_KEY"]
 
-    def post(self, body, key: str | None = "default", **kwargs) -> requests.Response:
+    def post(self, body, key: str | None = "default", content_type="application/json", **kwargs) -> requests.Response:
         headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
-        if isinstance(body, (dict, list)):
-            return requests.post(self.url, json=body, headers=headers, timeout=120, **kwargs)
-        return requests.post(self.url, data=body, headers=headers, timeout=120, **kwargs)
+        if content_type:
+            headers["Content-Type"] = content_type
+        data = json.dumps(body) if isinstance(body, (dict, list)) else body
+        return requests.post(self.url, data=data, headers=headers, timeout=120, **kwargs)
 
 
 class FlowServer(Server):
     """`pf flow serve --source ./ --port P --host localhost --engine fastapi`, the README's command."""
 
-    def __init__(self, env: dict, log: Path, engine: str | None = "fastapi"):
+    def __init__(self, env: dict, log: Path, engine: str | None = "fastapi", source: Path | str = "./"):
         self.port = free_port()
         self.base_url = f"http://localhost:{self.port}"
-        command = [PF, "flow", "serve", "--source", "./", "--port", self.port, "--host", "localhost"]
+        command = [PF, "flow", "serve", "--source", source, "--port", self.port, "--host", "localhost"]
         if engine:
             command += ["--engine", engine]
         super().__init__(command, env, log, self.base_url + "/health")

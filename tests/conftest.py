@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,18 @@ CONFIG_VARIABLES = [
 
 
 
+# Every process the tests start carries this in its environment; the session ends by checking
+# that none of them is still running.
+RUN_MARKER = "FINETUNE_PHI_TEST_RUN"
+
+
 def pytest_configure(config):
     scratch = Path(os.environ.get("FINETUNE_PHI_TEST_SCRATCH", ROOT / ".scratch" / "tests"))
     scratch.mkdir(parents=True, exist_ok=True)
     for name in CONFIG_VARIABLES:
         os.environ.pop(name, None)
     os.environ.update(
+        {RUN_MARKER: uuid.uuid4().hex},
         FINETUNE_PHI_ENV_FILE=str(scratch / "absent.env"),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -53,6 +60,29 @@ def pytest_configure(config):
     from local import mlflow_store
 
     os.environ.update(mlflow_store.prepare(scratch / "mlflow.db", scratch / "mlartifacts"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run, and stop them, if processes the tests started outlived it."""
+    import psutil
+
+    marker = os.environ.get(RUN_MARKER)
+    left = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(RUN_MARKER) == marker:
+                left.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    if left:
+        names = "; ".join(" ".join(p.cmdline())[:120] for p in left if p.is_running())
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        print(f"\nProcesses started by the tests were still running (stopped now): {names}", file=sys.stderr)
+        session.exitstatus = 1
 
 
 def run_script(args, cwd, env=None, timeout=600):

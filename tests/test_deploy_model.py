@@ -4,6 +4,7 @@ import copy
 import os
 
 import pytest
+import yaml
 from azure.ai.ml import Output
 from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineEndpoint
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
@@ -119,6 +120,11 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     assert props["instanceType"] == "Standard_E4s_v3"
     assert props["model"] == MODEL_ID
     assert props["endpointComputeType"] == "Managed"
+    # The int4 form runs the project's scoring script (the local endpoint's) in its pinned CPU environment.
+    assert props["codeConfiguration"] == {"codeId": str(ROOT / "scoring"), "scoringScript": "score.py"}
+    (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
+    assert deployment.environment.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+    assert deployment.environment.conda_file == yaml.safe_load((ROOT / "scoring" / "conda.yml").read_text())
     assert props["environmentVariables"] == {
         "SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
         "RESOURCE_GROUP_NAME": "finetunephi-rg",
@@ -146,7 +152,32 @@ def test_form_transformers_deploys_the_model_as_trained(workspace):
         "azureml://jobs/shy_lamp_42/outputs/model_output", "Model created from run."
     )
     assert model.name == "finetune-phi-model"
-    assert deployment_body(workspace)["properties"]["model"] == MODEL_ID
+    body = deployment_body(workspace)["properties"]
+    assert body["model"] == MODEL_ID
+    # The tutorial's no-code deployment: Azure's own MLflow scoring and environment.
+    assert "codeConfiguration" not in body and "environmentId" not in body
+
+
+def test_connect_only_fetches_the_live_endpoints_uri_and_key(workspace, tmp_path, capsys):
+    workspace.live.endpoint = ManagedOnlineEndpoint(name="finetune-phi-endpoint")
+    workspace.live.endpoint._scoring_uri = SCORING_URI
+    (tmp_path / ".env").write_text("AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\nAZURE_ML_API_KEY=local-key\n")
+    deploy_model.main(["--connect"])
+    env = (tmp_path / ".env").read_text()
+    assert f"AZURE_ML_ENDPOINT={SCORING_URI}\n" in env and "AZURE_ML_API_KEY=pk-123\n" in env
+    workspace.online_endpoints.get_keys.assert_called_once_with(name="finetune-phi-endpoint")
+    for group in ("jobs", "models", "online_deployments"):
+        assert getattr(workspace, group).method_calls == [], f"--connect deploys nothing ({group})"
+    workspace.online_endpoints.begin_create_or_update.assert_not_called()
+
+
+def test_connect_to_a_missing_endpoint_names_the_fix(workspace):
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main(["--connect"])
+    assert str(stop.value) == (
+        "deploy_model.py: no endpoint named 'finetune-phi-endpoint' in this workspace; deploy one first with "
+        "`python deploy_model.py`, or check AZURE_ENDPOINT_NAME"
+    )
 
 
 def test_a_job_without_the_int4_output_names_the_way_out(workspace):
@@ -282,7 +313,7 @@ def test_deploy_needs_identity_and_names_filled(monkeypatch):
 def test_help_explains_every_flag():
     result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
-    for flag in ("--job-name", "--form", "--delete", "--yes", "--local", "--model-dir", "--port"):
+    for flag in ("--job-name", "--form", "--delete", "--yes", "--connect", "--local", "--model-dir", "--port"):
         assert flag in result.stdout, flag
 
 

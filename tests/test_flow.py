@@ -103,6 +103,28 @@ def test_a_served_flow_follows_a_restarted_endpoint(endpoint, quiet_pf_home, tmp
         server.stop()
 
 
+def test_a_env_file_in_the_flow_folder_does_not_shadow_the_settings(endpoint, quiet_pf_home, tmp_path):
+    # Flask's development server (pf flow serve's default engine) loads a .env from the folder it
+    # serves into the environment, where it would win over the settings the tool reads at each
+    # question. A copy of the flow with a stale .env beside it must still reach the live endpoint.
+    import shutil
+
+    flow = tmp_path / "flow"
+    flow.mkdir()
+    for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py"):
+        shutil.copy(ROOT / name, flow / name)
+    (flow / ".env").write_text(f"AZURE_ML_ENDPOINT=http://127.0.0.1:{free_port()}/score\nAZURE_ML_API_KEY=stale\n")
+    env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
+    server = FlowServer(env, tmp_path / "pf-serve.log", engine=None, source=flow)
+    try:
+        server.wait_until_live(timeout=120)
+        response = server.ask(QUESTION)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"answer": ANSWER}
+    finally:
+        server.stop()
+
+
 def test_chat_history_reaches_the_model(flow_server):
     # The tiny model learned "Is that right?" only as a follow-up: alone, it answers nonsense.
     history = [chat_turn(QUESTION, ANSWER)]
@@ -247,7 +269,7 @@ def test_429_that_persists_ends_with_one_message(ask, stand_in):
         (401, "the endpoint refused the key: AZURE_ML_API_KEY in .env is not this endpoint's key"),
         (403, "the key may not call this endpoint: check AZURE_ML_API_KEY"),
         (404, "nothing is served at AZURE_ML_ENDPOINT: it must be the REST endpoint ending in /score"),
-        (424, "check the deployment's logs (or the local endpoint's console)"),
+        (502, "check the deployment's logs (or the local endpoint's console)"),
     ],
 )
 def test_other_statuses_name_the_status_and_the_fix(ask, stand_in, status, fix):
@@ -260,6 +282,38 @@ def test_other_statuses_name_the_status_and_the_fix(ask, stand_in, status, fix):
     assert "(from the server)" in str(error.value)
     assert fix in str(error.value)
     assert len(failing.requests) == 1
+
+
+GATEWAY_FAILURES = [
+    # (the container's status, its message): what Azure's gateway wraps in a 424.
+    ("500", "An unexpected error occurred in scoring script. Check the logs for more info.",
+     "the model failed: read the deployment's logs (the studio's endpoint page, Logs tab)"),
+    ("400", "'input_data': Invalid input data type to parse. Expected: <class 'list'> but got <class 'str'>",
+     "the model refused the request: its message says what to change"),
+    ("408", "Scoring timeout after 180000 ms", "ask for a shorter answer (AZURE_ML_MAX_NEW_TOKENS)"),
+]
+
+
+@pytest.mark.parametrize("model_status, message, fix", GATEWAY_FAILURES)
+def test_a_424_from_the_gateway_names_the_models_own_failure(ask, stand_in, model_status, message, fix):
+    from integrate_with_promptflow import EndpointError
+
+    gateway = stand_in((424, {"message": message}, {"ms-azureml-model-error-statuscode": model_status}))
+    with pytest.raises(EndpointError) as error:
+        ask(gateway.url)
+    assert str(error.value).startswith(f"the model behind {gateway.url} failed with HTTP {model_status} ({message}): ")
+    assert fix in str(error.value)
+    assert len(gateway.requests) == 1, "a model failure is not retried"
+
+
+def test_the_flow_shows_a_424_as_one_line(stand_in, quiet_pf_home, tmp_path):
+    gateway = stand_in((424, {"message": GATEWAY_FAILURES[0][1]}, {"ms-azureml-model-error-statuscode": "500"}))
+    result, _ = pf_flow_test(stand_in_env(gateway.url, quiet_pf_home, tmp_path))
+    assert result.returncode != 0
+    # The model's status, its message and the fix, in one line of pf's report.
+    expected = (f"the model behind {gateway.url} failed with HTTP 500 (An unexpected error occurred in scoring script. "
+                "Check the logs for more info.): the model failed: read the deployment's logs")
+    assert any(expected in line for line in result.stdout.splitlines()), result.stdout[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,18 @@ def test_installed_set_is_consistent():
 
     result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_int4_serving_environment_pins_what_the_int4_model_requires():
+    # Azure builds the int4 deployment's environment from scoring/conda.yml; the model itself asks
+    # for quantize_model.serving_requirements(), and the local endpoint runs that azmlinfsrv.
+    import quantize_model
+
+    conda = yaml.safe_load((ROOT / "scoring" / "conda.yml").read_text())
+    serving = pins(next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict)))
+    for requirement in quantize_model.serving_requirements():
+        name, version = requirement.split("==")
+        assert serving.get(name.lower()) == version, requirement
+    server = pins((ROOT / "requirements-azmlinfsrv.txt").read_text().splitlines())
+    assert serving["azureml-inference-server-http"] == server["azureml-inference-server-http"]
+    assert not any(name.startswith(("torch", "nvidia", "onnxruntime-gpu", "onnxruntime-genai-cuda")) for name in serving)

@@ -1,0 +1,129 @@
+"""Scoring script for fine_tune.py's models: Azure ML's init()/run() contract, as azmlinfsrv runs it.
+
+The tutorial deploys the transformers model with no scoring script: Azure ML then serves it with
+its own MLflow scoring script inside azmlinfsrv. This script answers the same requests the same
+way, so the local endpoint (`deploy_model.py --local`) behaves as the managed endpoint does:
+
+    {"input_data": ["Who founded Microsoft?", ...], "params": {"max_new_tokens": 64, ...}}
+
+and a JSON list of strings back, one per question. As in Azure's script, `run()` is declared with
+inference-schema's decorators: azmlinfsrv itself parses the body and answers 415 for a content
+type other than JSON and 400 (with its own messages) for a body that is not JSON or not an object,
+or has no input_data; input_data is a list and params an object with the model signature's params;
+MLflow enforces the params' types and ignores unknown ones with a logged warning. Where Azure's
+script fails with a 500 ("An unexpected error occurred in scoring script"), this one answers 400
+with a message naming the problem: input_data not a list (a bare string, the pandas split form),
+an empty list, a question that is not a string, a param of the wrong type, max_new_tokens below 1,
+a temperature of 0 or less with sampling.
+
+The int4 form of the model (quantize_model.py) is an MLflow pyfunc model; Azure's own script would
+expect the pandas split form for it, so deploy_model.py deploys the int4 form with this script,
+and the endpoint answers exactly as for the transformers model, on Azure and here alike.
+
+The key is not checked here: Azure's gateway checks it before a request reaches the container
+(locally, local/gateway.py does). The script imports nothing of the project's.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+from azureml_inference_server_http.api.aml_response import AMLResponse
+from inference_schema.parameter_types.abstract_parameter_type import AbstractParameterType
+from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+from inference_schema.schema_decorators import _deserialize_input_argument, input_schema
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+logger = logging.getLogger("score")
+
+USAGE = 'send {"input_data": ["your question"], "params": {"max_new_tokens": 128}}'
+
+
+def find_mlflow_model(root: Path) -> Path:
+    """The MLflow model folder at or under `root` (Azure puts it one or two levels down)."""
+    root = Path(root)
+    if (root / "MLmodel").is_file():
+        return root
+    found = sorted({p.parent for pattern in ("*/MLmodel", "*/*/MLmodel") for p in root.glob(pattern)})
+    if len(found) != 1:
+        raise FileNotFoundError(f"{root}: expected one MLflow model folder (with an MLmodel file), found {len(found)}")
+    # resolve(): MLflow refuses a model reached through a symlink (local/endpoint.py stages one).
+    return found[0].resolve()
+
+
+class Rejected(str):
+    """An input inference-schema refused, kept for run() to answer 400 with, rather than raised (a 500)."""
+
+
+class Checked(AbstractParameterType):
+    """The check Azure's script declares (a list of questions; an object of params), made by inference-schema
+    itself, with a refusal handed to run() to answer 400 rather than raised (azmlinfsrv's 500)."""
+
+    def __init__(self, sample):
+        self.declared = StandardPythonParameterType(sample)  # what Azure's script declares
+        super().__init__(sample)
+        # Not list or dict: inference-schema's decorator then passes every value to deserialize_input.
+        self.sample_data_type = Checked
+
+    def deserialize_input(self, input_data):
+        try:
+            return _deserialize_input_argument(input_data, self.declared, "")
+        except ValueError as e:
+            return Rejected(str(e))
+
+    def input_to_swagger(self):
+        return self.declared.input_to_swagger()
+
+
+# As Azure's script does, the declared types come from the model's signature, read when azmlinfsrv
+# imports this file; the weights are loaded later, in init().
+MODEL_DIR = find_mlflow_model(os.environ["AZUREML_MODEL_DIR"])
+PARAM_DEFAULTS = {p.name: p.default for p in Model.load(str(MODEL_DIR)).signature.params.params}
+
+model = None
+
+
+def init():
+    global model
+    model = mlflow.pyfunc.load_model(str(MODEL_DIR))
+    logger.info("Loaded %s (params: %s)", MODEL_DIR, ", ".join(PARAM_DEFAULTS))
+
+
+def problem_with(input_data, params) -> str | None:
+    """Why the request cannot be answered (a 400), or None."""
+    for name, value in (("input_data", input_data), ("params", params)):
+        if isinstance(value, Rejected):
+            return f"'{name}': {value}"
+    if not input_data:
+        return "'input_data' is empty; send at least one question"
+    for i, text in enumerate(input_data):
+        if not isinstance(text, str) or not text.strip():
+            return f"input_data[{i}] must be a question (a non-empty string), got {str(text)[:60]!r}"
+    params = params or {}
+    # Values the model would fail on deep inside generation, refused here.
+    tokens, temperature = params.get("max_new_tokens"), params.get("temperature")
+    if isinstance(tokens, (int, float)) and not isinstance(tokens, bool) and tokens < 1:
+        return f"param 'max_new_tokens' must be at least 1, got {tokens}"
+    sampling = params.get("do_sample", PARAM_DEFAULTS.get("do_sample", True))
+    if sampling and isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature <= 0:
+        return f"param 'temperature' must be above 0 when sampling, got {temperature}"
+    return None
+
+
+def bad_request(message: str) -> AMLResponse:
+    return AMLResponse({"message": f"{message}; {USAGE}"}, 400, json_str=True)
+
+
+@input_schema("input_data", Checked(["Who founded Microsoft?"]))
+@input_schema("params", Checked(PARAM_DEFAULTS), optional=True)
+def run(input_data, params=None):
+    problem = problem_with(input_data, params)
+    if problem:
+        return bad_request(problem)
+    try:
+        answers = model.predict(input_data, params=params or None)
+    except MlflowException as e:  # MLflow's own check of the params against the signature
+        return bad_request(e.message.splitlines()[0])
+    return [str(answer) for answer in answers]
