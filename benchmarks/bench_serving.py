@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         help="comma-separated torch threads per server worker to measure (OMP_NUM_THREADS for the "
                              "endpoint): default (torch's choice, one per core) or a number")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens each answer may have (greedy decoding)")
-    parser.add_argument("--calls", type=int, default=200, help="sequential calls to each target (the issue asks >= 200)")
+    parser.add_argument("--calls", type=int, default=200, help="sequential calls to each target (default: 200, enough for a p99)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients calling at once in the concurrent phase")
     parser.add_argument("--concurrent-calls", type=int, default=80, help="calls in all in the concurrent phase, per target")
     parser.add_argument("--skip-flow", action="store_true", help="measure the endpoint only, no Prompt flow")

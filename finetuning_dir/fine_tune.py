@@ -208,7 +208,8 @@ def load_model(args, for_training: bool = True):
     except OSError as e:  # transformers' word for an unreachable Hub or a folder without a model
         sys.exit(
             f"{script_name()}: could not load model '{args.model_name}' ({str(e).strip().splitlines()[0]}); "
-            "check your connection, or pass --model-name with a local model folder"
+            f"check your connection, or pass {'--model' if script_name() == 'evaluate_model.py' else '--model-name'} "
+            "with a local model folder"
         )
 
 

@@ -72,7 +72,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layer
     config = Phi3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        # 3x, not 2x: onnxruntime-genai's model builder (0.18) converts a Phi-3 MLP exactly twice as wide
+        # as the model wrongly from width 128 on; Phi-3.5-mini's own ratio (8192/3072) converts exactly.
+        intermediate_size=hidden_size * 3,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
