@@ -82,8 +82,11 @@ def endpoint_key() -> str:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
+        # As gunicorn binds: a stopped server's connections in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen()
         except OSError:
             sys.exit(
                 f"local endpoint: port {port} on {host} is in use (is an endpoint already running?); "

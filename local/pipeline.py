@@ -33,7 +33,7 @@ from local import mlflow_store, pf_home
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
-ENDPOINT_LOG = OUTPUTS / "local-endpoint.log"
+ENDPOINT_LOGS = OUTPUTS / "local-endpoint-{form}.log"
 QUESTION = "Who founded Microsoft?"
 CHAT_HOW_TO = """
 To chat with the model in your browser, in two terminals:
@@ -65,10 +65,11 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
     """`deploy_model.py --local` (default: the newest local model of `form`) in the background, once it is live."""
     command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
     command += ["--model-dir", str(model_dir)] if model_dir else ["--form", form]
+    log = Path(str(ENDPOINT_LOGS).format(form=form))
     print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
-          f"{os.path.relpath(ENDPOINT_LOG, ROOT)})\n$ {shlex.join(command)}", flush=True)
+          f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(command)}", flush=True)
     # Its own session, so that Ctrl-C on `make local` reaches it only through stop_endpoint.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(ENDPOINT_LOG, "w"), stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     while process.poll() is None:
         try:
@@ -78,8 +79,8 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    log = ENDPOINT_LOG.read_text(errors="replace").strip().splitlines()
-    sys.exit(f"local pipeline: the local endpoint stopped while starting: {log[-1] if log else 'no output'}")
+    lines = log.read_text(errors="replace").strip().splitlines()
+    sys.exit(f"local pipeline: the local endpoint stopped while starting: {lines[-1] if lines else 'no output'}")
 
 
 def stop_endpoint(process: subprocess.Popen) -> None:
