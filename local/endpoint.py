@@ -176,16 +176,24 @@ def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     long answer on a CPU), so the group is killed after `grace_s` seconds.
     """
     if process.poll() is None:
+        signal_group(process, signal.SIGINT)
         try:
-            os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=grace_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             pass
+    signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """`sig` to the process's group when it leads one (started with its own session), else to it alone."""
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
     except ProcessLookupError:
         pass
-    process.wait()
 
 
 def write_settings(url: str, key: str) -> Path:

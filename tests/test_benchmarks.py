@@ -207,6 +207,7 @@ def test_serving_benchmark_times_the_big_model_in_every_form():
         # The random model never stops early (counted again from the text: random tokens re-tokenize loosely).
         assert row["calls"] == 2 and 4 <= row["tokens_per_answer"] <= 8
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_rss_mb"] > 100
+        assert row["over_180_s"] == 0  # five tokens of one layer: far inside the request limit
     assert served["int4"]["server_rss_mb"] < served["bf16 transformers"]["server_rss_mb"]
 
 

@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -224,6 +225,38 @@ def test_ctrl_c_or_sigterm_stops_the_server_and_its_workers_while_it_generates(f
         busy.join(timeout=30)
     finally:
         local.stop()
+
+
+@pytest.mark.parametrize("own_session", [True, False])
+def test_stop_ends_a_server_and_its_children_in_or_out_of_a_session_of_their_own(own_session):
+    from local.endpoint import stop
+
+    # A parent that ignores SIGINT (as a busy worker does) with a child of its own.
+    script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=own_session)
+    children = []
+    try:
+        deadline = time.monotonic() + 10
+        while not children and time.monotonic() < deadline:
+            children = psutil.Process(process.pid).children()
+            time.sleep(0.05)
+        assert children, "the stand-in server did not start its child"
+        started = time.monotonic()
+        stop(process, grace_s=1)
+        assert time.monotonic() - started < 10
+        assert process.returncode == -signal.SIGKILL
+        if own_session:  # the whole group goes; outside one, only the process itself can be reached
+            assert psutil.wait_procs(children, timeout=5)[1] == []
+    finally:
+        for p in children:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def _post_quietly(endpoint, body):
