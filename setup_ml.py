@@ -252,8 +252,9 @@ def parse_args(argv=None):
                         "microsoft/Phi-3.5-mini-instruct on Azure; a tiny Phi-3 built on the spot with --local)")
     parser.add_argument("--local", action="store_true", help="run the same fine_tune.py command on this machine "
                         "instead, into outputs/models/<run>/model (no Azure account needed); without --model-name "
-                        "it builds a tiny Phi-3 and trains it at lr 1e-2 for 25 epochs, so that it learns "
-                        "the sample facts word for word")
+                        "it builds a tiny Phi-3 and trains it at a high learning rate for many epochs "
+                        "(local/tiny_phi3.py's TINY_TRAINING_FLAGS), so that it learns the sample facts "
+                        "word for word")
     parser.add_argument("fine_tune_args", nargs=argparse.REMAINDER,
                         help="after --: more flags for fine_tune.py, e.g. -- --lora --epochs 1")
     args = parser.parse_args(argv)

@@ -33,7 +33,6 @@ from local import mlflow_store, pf_home
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
-ENDPOINT_LOGS = OUTPUTS / "local-endpoint-{form}.log"
 QUESTION = "Who founded Microsoft?"
 CHAT_HOW_TO = """
 To chat with the model in your browser, in two terminals:
@@ -65,7 +64,7 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
     """`deploy_model.py --local` (default: the newest local model of `form`) in the background, once it is live."""
     command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
     command += ["--model-dir", str(model_dir)] if model_dir else ["--form", form]
-    log = Path(str(ENDPOINT_LOGS).format(form=form))
+    log = OUTPUTS / f"local-endpoint-{form}.log"
     print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
           f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(command)}", flush=True)
     # Its own session, so that Ctrl-C on `make local` reaches it only through stop_endpoint.

@@ -372,7 +372,6 @@ def test_the_local_pipeline_serves_asks_and_stops_the_endpoint(fine_tuned_model,
     from local import pipeline
 
     monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
-    monkeypatch.setattr(pipeline, "ENDPOINT_LOGS", tmp_path / "local-endpoint-{form}.log")
     monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(tmp_path / ".env"))
     port = free_port()
     answer, endpoint = pipeline.serve_and_ask(port, keep_endpoint=False, model_dir=fine_tuned_model, form="transformers")
