@@ -66,6 +66,8 @@ AZURE_DEPLOYMENT_NAME = _setting(
 
 # The last fine-tuning job setup_ml.py submitted (it records it here; deploy_model.py reads it).
 AZURE_ML_JOB_NAME = _setting("AZURE_ML_JOB_NAME", "")
+# The last rehearsal job (`setup_ml.py --rehearsal`), which `deploy_model.py --rehearsal` deploys.
+AZURE_ML_REHEARSAL_JOB_NAME = _setting("AZURE_ML_REHEARSAL_JOB_NAME", "")
 
 # The endpoint the Prompt flow calls; deploy_model.py writes both into .env for you.
 AZURE_ML_API_KEY = _setting("AZURE_ML_API_KEY", "your_fine_tuned_model_api_key")

@@ -19,6 +19,11 @@ back to Azure after `--local` needs no redeploy.
 The int4 form is the default: on the deployment's 4 vCPUs it answers several times faster than the
 bf16 transformers model, at the same test loss within a few tenths of a percent (BENCHMARKS.md).
 
+`--rehearsal` deploys the int4 model of the rehearsal job (`setup_ml.py --rehearsal`, recorded in
+.env as AZURE_ML_REHEARSAL_JOB_NAME) to its own endpoint, AZURE_ENDPOINT_NAME's first 22 characters
+plus -rehearsal, on the smallest size managed endpoints offer (Standard_DS1_v2), asks it one question
+through the Prompt flow, and prints the command that deletes it. .env is left as it was.
+
 `--local` serves a locally fine-tuned model (default: the newest outputs/models/<run>/model-int4,
 or .../model with --form transformers) at http://127.0.0.1:PORT/score with the managed
 endpoint's scoring contract.
@@ -28,6 +33,7 @@ endpoint's scoring contract.
     python deploy_model.py --delete --yes
     python deploy_model.py --connect                # the flow talks to the Azure endpoint again
     python deploy_model.py --local
+    python deploy_model.py --rehearsal                # then: python deploy_model.py --rehearsal --delete --yes
 """
 
 import argparse
@@ -36,6 +42,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from azure.ai.ml.constants import AssetTypes
@@ -53,7 +60,7 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import config
-from ml_client import get_ml_client
+from ml_client import OPENMPI_IMAGE, get_ml_client
 
 ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
@@ -61,7 +68,7 @@ COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
 # form, not the list of questions the flow sends: it is deployed with the project's scoring script
 # (the local endpoint's), in an environment of its pinned, CPU-only requirements.
 SCORING_DIR = ROOT / "scoring"
-SERVING_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+SERVING_IMAGE = OPENMPI_IMAGE
 SERVING_ENV_NAME = "finetune-phi-int4-serving"
 # The two forms of the fine-tuned model a job writes: (job output, registered name suffix, local folder).
 FORMS = {
@@ -69,8 +76,38 @@ FORMS = {
     "transformers": ("model_output", "", "model"),
 }
 PROGRESS_EVERY_S = 30
-# Azure's rule for online endpoint names.
-ENDPOINT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]")
+# Azure's rule for endpoint names (learn.microsoft.com/azure/machine-learning/how-to-manage-quotas, "Azure
+# Machine Learning online endpoints and batch endpoints"): begin with a letter, 3-32 characters, letters
+# and numbers, single dashes accepted.
+ENDPOINT_NAME = re.compile(r"[A-Za-z](?!.*--)[A-Za-z0-9-]{2,31}")
+REQUEST_TIMEOUT_MS = 180_000  # Azure's maximum
+PROBE_PERIOD_S = 10
+
+
+@dataclass(frozen=True)
+class FormServing:
+    """How one form of the model is served on a Standard_E4s_v3 with azmlinfsrv's one worker.
+
+    Azure admits up to 2 x max_concurrent_requests_per_instance requests at once (more get 429, which
+    the flow retries) and the one worker answers them in turn, so the last admitted one waits for all
+    the others: that wait must stay under the 180 s request limit. The probes wait initial_delay_s,
+    then allow failure_threshold misses PROBE_PERIOD_S apart, for the model to load.
+    """
+
+    max_concurrent_requests: int
+    initial_delay_s: int
+    failure_threshold: int
+
+
+SERVING = {
+    # ~14 s per 128-token answer (BENCHMARKS.md): 6 admitted, the last answered within ~85 s.
+    "int4": FormServing(max_concurrent_requests=3, initial_delay_s=30, failure_threshold=30),
+    # ~70 s per answer in bf16: 2 admitted, the second answered within ~140 s; 3 (the tutorial's) let
+    # the third wait 210 s, past the limit.
+    "transformers": FormServing(max_concurrent_requests=1, initial_delay_s=120, failure_threshold=60),
+}
+REHEARSAL_INSTANCE_TYPE = "Standard_DS1_v2"  # the smallest size managed online endpoints offer
+REHEARSAL_QUESTION = "Who founded Microsoft?"
 DEPLOY_SETTINGS = (
     "AZURE_MANAGED_IDENTITY_CLIENT_ID",
     "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
@@ -87,6 +124,7 @@ def deployment_env_vars():
         "SUBSCRIPTION_ID": config.AZURE_SUBSCRIPTION_ID,
         "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
         "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
+        "WORKER_COUNT": "1",  # azmlinfsrv's default, stated: SERVING's concurrency assumes it
     }
 
 
@@ -166,10 +204,10 @@ def int4_serving():
 
 
 def build_deployment(endpoint_name, deployment_name, model_id, form="transformers", instance_type=COMPUTE_INSTANCE_TYPE):
-    """The deployment: one CPU instance, the tutorial's settings within Azure's limits."""
-    # A ~7.6 GB bf16 model takes minutes to download and load: probes start after 500 s and
-    # allow 30 misses 100 s apart, as in the tutorial.
-    probe = ProbeSettings(failure_threshold=30, success_threshold=1, period=100, initial_delay=500)
+    """The deployment: one CPU instance, probes and concurrency fitted to the form (SERVING)."""
+    serving = SERVING[form]
+    probe = ProbeSettings(failure_threshold=serving.failure_threshold, success_threshold=1, period=PROBE_PERIOD_S,
+                          initial_delay=serving.initial_delay_s)
     code, environment = int4_serving() if form == "int4" else (None, None)  # transformers: Azure's own scoring
     return ManagedOnlineDeployment(
         name=deployment_name,
@@ -181,8 +219,8 @@ def build_deployment(endpoint_name, deployment_name, model_id, form="transformer
         instance_count=1,
         environment_variables=deployment_env_vars(),
         request_settings=OnlineRequestSettings(
-            max_concurrent_requests_per_instance=3,
-            request_timeout_ms=180000,  # Azure's maximum
+            max_concurrent_requests_per_instance=serving.max_concurrent_requests,
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
         ),
         liveness_probe=probe,
         readiness_probe=copy.deepcopy(probe),
@@ -247,25 +285,55 @@ def check_endpoint_name(name):
     if not ENDPOINT_NAME.fullmatch(name):
         sys.exit(
             f"deploy_model.py: AZURE_ENDPOINT_NAME '{name}' is not a valid endpoint name: use 3-32 letters, "
-            "digits and hyphens, starting with a letter (e.g. finetune-phi-endpoint)"
+            "digits and single hyphens, starting with a letter (e.g. finetune-phi-endpoint)"
         )
 
 
-def deploy(job_name, form):
+def rehearsal_endpoint_name(endpoint_name: str) -> str:
+    """The rehearsal's own endpoint, beside the real one: within 32 characters, no double hyphen."""
+    return endpoint_name[:22].rstrip("-") + "-rehearsal"
+
+
+def deploy(job_name, form, rehearsal=False):
     if not job_name:
-        sys.exit("deploy_model.py: no job to deploy: run `python setup_ml.py` first (it records the job in .env) "
+        step = "setup_ml.py --rehearsal" if rehearsal else "setup_ml.py"
+        sys.exit(f"deploy_model.py: no job to deploy: run `python {step}` first (it records the job in .env) "
                  "or pass --job-name")
     ml_client = get_ml_client(*DEPLOY_SETTINGS)
     check_endpoint_name(config.AZURE_ENDPOINT_NAME)
+    endpoint_name, deployment_name, model_name, instance_type = (
+        config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, config.AZURE_MODEL_NAME, COMPUTE_INSTANCE_TYPE
+    )
+    if rehearsal:
+        endpoint_name, deployment_name = rehearsal_endpoint_name(endpoint_name), "rehearsal"
+        model_name, instance_type = model_name + "-rehearsal", REHEARSAL_INSTANCE_TYPE
     check_job(ml_client, job_name, form)
-    model = register_model(ml_client, config.AZURE_MODEL_NAME, job_name, form)
-    create_or_update_endpoint(ml_client, config.AZURE_ENDPOINT_NAME, "Endpoint for finetuned Phi-3 model")
-    deployment = build_deployment(config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, model.id, form)
+    model = register_model(ml_client, model_name, job_name, form)
+    create_or_update_endpoint(ml_client, endpoint_name, "Endpoint for finetuned Phi-3 model")
+    deployment = build_deployment(endpoint_name, deployment_name, model.id, form, instance_type)
     create_or_update_deployment(ml_client, deployment)
-    set_traffic_to_deployment(ml_client, config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME)
-    save_endpoint_settings(ml_client, config.AZURE_ENDPOINT_NAME)
-    print(f"Done. Endpoint {config.AZURE_ENDPOINT_NAME} serves {config.AZURE_DEPLOYMENT_NAME}; it costs money "
+    set_traffic_to_deployment(ml_client, endpoint_name, deployment_name)
+    if rehearsal:
+        return ask_the_rehearsal(ml_client, endpoint_name)
+    save_endpoint_settings(ml_client, endpoint_name)
+    print(f"Done. Endpoint {endpoint_name} serves {deployment_name}; it costs money "
           "until you run `python deploy_model.py --delete --yes`.")
+
+
+def ask_the_rehearsal(ml_client, endpoint_name):
+    """One question through the Prompt flow to the rehearsal endpoint (.env untouched); then how to delete it."""
+    from local.pipeline import ask_the_flow
+
+    settings = {
+        "AZURE_ML_ENDPOINT": ml_client.online_endpoints.get(name=endpoint_name).scoring_uri,
+        "AZURE_ML_API_KEY": ml_client.online_endpoints.get_keys(name=endpoint_name).primary_key,
+    }
+    answer = ask_the_flow(REHEARSAL_QUESTION, settings)
+    print(f"\nQ: {REHEARSAL_QUESTION}\nA (the rehearsal's tiny model, through the flow): {answer}")
+    print(f"\nThe rehearsal passed. Endpoint {endpoint_name} costs money while it exists: delete it now with\n"
+          "  python deploy_model.py --rehearsal --delete --yes\n"
+          "Its cluster, cpu-rehearsal, scales to 0 by itself. Next: python setup_ml.py (the A100 job).")
+    return answer
 
 
 def parse_args(argv=None):
@@ -276,7 +344,12 @@ def parse_args(argv=None):
                         help="which form of the fine-tuned model to serve: int4 (its int4 ONNX form, several times "
                              "faster on the deployment's CPUs) or transformers (the bf16 model as trained) "
                              "(default: int4)")
-    parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments")
+    parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments "
+                        "(with --rehearsal: the rehearsal's endpoint)")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="deploy the rehearsal job's int4 model (AZURE_ML_REHEARSAL_JOB_NAME, from setup_ml.py "
+                             f"--rehearsal) to its own endpoint <AZURE_ENDPOINT_NAME>-rehearsal on a "
+                             f"{REHEARSAL_INSTANCE_TYPE}, ask it one question through the flow, and print how to delete it")
     parser.add_argument("--yes", action="store_true", help="confirm --delete without asking")
     parser.add_argument("--connect", action="store_true",
                         help="only write the live endpoint's scoring URI and primary key into .env (AZURE_ML_ENDPOINT, "
@@ -290,12 +363,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def confirm_delete(args) -> bool:
+def confirm_delete(args, endpoint_name) -> bool:
     if args.yes:
         return True
     if not sys.stdin.isatty():
         sys.exit("deploy_model.py: --delete needs --yes to confirm when not run from a terminal")
-    answer = input(f"Delete endpoint {config.AZURE_ENDPOINT_NAME} and all its deployments? [y/N] ")
+    answer = input(f"Delete endpoint {endpoint_name} and all its deployments? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -311,9 +384,12 @@ def main(argv=None):
         return save_endpoint_settings(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
     if args.delete:
         config.require("AZURE_ENDPOINT_NAME")
-        if confirm_delete(args):
-            delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
+        name = rehearsal_endpoint_name(config.AZURE_ENDPOINT_NAME) if args.rehearsal else config.AZURE_ENDPOINT_NAME
+        if confirm_delete(args, name):
+            delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), name)
         return None
+    if args.rehearsal:
+        return deploy(args.job_name or config.AZURE_ML_REHEARSAL_JOB_NAME, args.form, rehearsal=True)
     return deploy(args.job_name or config.AZURE_ML_JOB_NAME, args.form)
 
 

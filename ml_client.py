@@ -12,6 +12,9 @@ from azure.identity import AzureCliCredential, CredentialUnavailableError
 
 import config
 
+# Azure ML's supported Ubuntu 22.04 CPU image at its newest dated tag (AzureML-Containers' release notes
+# for openmpi4.1.0-ubuntu22.04); the ubuntu20.04 one the tutorial used is deprecated.
+OPENMPI_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20250701.v1"
 WORKSPACE_SETTINGS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
 MANAGEMENT_SCOPE = "https://management.azure.com/.default"
 

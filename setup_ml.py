@@ -1,34 +1,42 @@
 """Step 2: fine-tune Phi-3 as an Azure ML command job (or, with --local, on this machine).
 
 By default this creates the tutorial's resources and submits its job:
-  - Environment `phi-3-training-environment`: the curated acft-hf-nlp-gpu:59 image + conda.yml;
+  - Environment `phi-3-training-environment`: the curated acft-hf-nlp-gpu image (pinned) + conda.yml;
   - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, eastus2, Dedicated, 0..1 nodes),
     reused when it exists;
   - a command job running finetuning_dir/fine_tune.py on TRAIN_DATA_PATH / TEST_DATA_PATH,
     whose `model_output` output (an MLflow model) and `quantized_model_output` (its int4 ONNX form
     for CPU endpoints) deploy_model.py registers. It runs one process
     per GPU of each node (taken from Azure's list of VM sizes), and writes no trainer
-    checkpoints: they would land on the node's disk, which is gone when the job ends.
+    checkpoints: they would land on the node's disk, which is gone when the job ends. On a GPU
+    size it passes --require_gpu: a torch that cannot see the GPU stops the job in seconds.
 The job name and its studio URL are printed, and the name is recorded in .env as
 AZURE_ML_JOB_NAME so that deploy_model.py finds it. Logs are streamed until the job ends.
 
 `--local` runs the very same fine_tune.py command here instead, into outputs/models/<run>/model,
 with a tiny Phi-3 model built on the spot unless --model-name names another.
 
+`--rehearsal` submits the very same job (environment, code, both outputs, int4 conversion, MLflow
+logging) for cents before the A100 hour: a tiny Phi-3 built here and uploaded as an input folder,
+the first few dozen rows of the data, on a small CPU cluster that scales to 0. Its job name goes
+to .env as AZURE_ML_REHEARSAL_JOB_NAME for `deploy_model.py --rehearsal`.
+
     python setup_ml.py                   # A100 job, logs streamed
     python setup_ml.py --cpu             # the tutorial's CPU profile (Standard_E16s_v3)
     python setup_ml.py -- --lora         # flags after -- go to fine_tune.py
     python setup_ml.py --local
+    python setup_ml.py --rehearsal
 """
 
 import argparse
+import itertools
 import logging
 import os
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from azure.ai.ml import Input, Output, PyTorchDistribution, command
@@ -37,7 +45,7 @@ from azure.ai.ml.exceptions import JobException
 from azure.core.exceptions import ResourceNotFoundError
 
 import config
-from ml_client import get_ml_client
+from ml_client import OPENMPI_IMAGE, get_ml_client
 
 ROOT = Path(__file__).resolve().parent
 CONDA_FILE = ROOT / "conda.yml"
@@ -54,12 +62,17 @@ class ComputeProfile:
     docker_image: str
 
 
-GPU_PROFILE = ComputeProfile(
-    "Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59"
-)
-CPU_PROFILE = ComputeProfile(
-    "Standard_E16s_v3", "cpu-e16s-v3", "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest"
-)
+# Images at fixed tags: conda.yml builds its own Python environment on top, so an image only brings
+# the OS and conda. acft-hf-nlp-gpu:127 is Ubuntu 22.04 (the tutorial's :59 is Ubuntu 20.04 and
+# Python 3.8); the CPU profile takes ml_client.OPENMPI_IMAGE.
+GPU_IMAGE = "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:127"
+CPU_IMAGE = OPENMPI_IMAGE
+GPU_PROFILE = ComputeProfile("Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", GPU_IMAGE)
+CPU_PROFILE = ComputeProfile("Standard_E16s_v3", "cpu-e16s-v3", CPU_IMAGE)
+# The rehearsal runs the GPU job's own environment on the smallest cluster that holds it.
+REHEARSAL_PROFILE = ComputeProfile("Standard_DS3_v2", "cpu-rehearsal", GPU_IMAGE)
+REHEARSAL_ROWS = (40, 10)  # train, test
+REHEARSAL_DIR = ROOT / "outputs" / "rehearsal"
 
 logger = logging.getLogger("setup_ml")
 
@@ -69,6 +82,7 @@ logger = logging.getLogger("setup_ml")
 # ends, so nothing could ever resume from it: the job turns checkpoints off (`-- --save-steps 500`
 # turns them back on, into fine_tune.py's `checkpoints/`, which is not uploaded as ./outputs is).
 JOB_FLAGS = ("--save-steps", "0")
+GPU_JOB_FLAGS = ("--require_gpu",)
 
 
 def fine_tune_command(train_file: str, eval_file: str, model_output_dir: str, quantized_output_dir: str | None,
@@ -131,14 +145,21 @@ def gpus_per_node(ml_client, compute_cluster) -> int:
     return 0
 
 
-def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1, int4=True):
+def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1, int4=True,
+                           gpus_per_node=0, data=None, inputs=None, display_name="fine-tune-phi-3"):
     """
-    Set up the fine-tuning job in Azure ML.
+    Set up the fine-tuning job in Azure ML. `data`: (train, test) files (default: config's); `inputs`:
+    more job inputs, each passed to fine_tune.py as `--NAME ${{inputs.NAME}}` (model_name: --model-name).
     """
+    train_file, eval_file = data or (config.TRAIN_DATA_PATH, config.TEST_DATA_PATH)
+    inputs = inputs or {}
+    input_flags = [(f"--{name.replace('_', '-')}", f"${{{{inputs.{name}}}}}") for name in inputs]
     # Only the user's extra flags are shell-quoted: quoting would break the ${{...}} placeholders.
     job_command = " ".join(
         fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
-                          "${{outputs.quantized_model_output}}" if int4 else None, JOB_FLAGS)
+                          "${{outputs.quantized_model_output}}" if int4 else None,
+                          JOB_FLAGS + (GPU_JOB_FLAGS if gpus_per_node else ()))
+        + list(itertools.chain.from_iterable(input_flags))
         + [shlex.quote(arg) for arg in extra_args]
     )
     # Declared as MLflow models so registration does not depend on where MLflow puts artifacts.
@@ -152,10 +173,11 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), p
         environment=f"azureml:{env.name}:{env.version}",  # the registered training environment
         compute=compute_name,  # Compute cluster to use
         experiment_name=EXPERIMENT_NAME,
-        display_name="fine-tune-phi-3",
+        display_name=display_name,
         inputs={
-            "train_file": Input(type="uri_file", path=config.TRAIN_DATA_PATH),
-            "eval_file": Input(type="uri_file", path=config.TEST_DATA_PATH),
+            "train_file": Input(type="uri_file", path=str(train_file)),
+            "eval_file": Input(type="uri_file", path=str(eval_file)),
+            **inputs,
         },
         outputs=outputs,
         instance_count=instance_count,
@@ -170,11 +192,11 @@ def check_data_files():
             sys.exit(f"setup_ml.py: {path} not found; run `python download_dataset.py` first")
 
 
-def submit_and_stream(ml_client, job, stream=True):
-    """Submit the job, record its name in .env, and stream its logs until it ends."""
+def submit_and_stream(ml_client, job, stream=True, setting="AZURE_ML_JOB_NAME"):
+    """Submit the job, record its name in .env under `setting`, and stream its logs until it ends."""
     returned_job = ml_client.jobs.create_or_update(job)  # Submit the job
-    config.save_settings(AZURE_ML_JOB_NAME=returned_job.name)
-    print(f"Job name: {returned_job.name} (recorded in .env as AZURE_ML_JOB_NAME for deploy_model.py)")
+    config.save_settings(**{setting: returned_job.name})
+    print(f"Job name: {returned_job.name} (recorded in .env as {setting} for deploy_model.py)")
     print(f"Studio URL: {returned_job.studio_url}")
     if not stream:
         print("Not streaming (--no-stream); follow the job in the studio.")
@@ -196,10 +218,53 @@ def run_on_azure(args, extra_args):
 
     env = create_or_get_environment(ml_client, profile.docker_image)
     cluster = create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
-    processes = max(1, gpus_per_node(ml_client, cluster))
+    gpus = gpus_per_node(ml_client, cluster)
+    processes = max(1, gpus)
     print(f"Training on {args.instance_count} node(s) of {cluster.size}, {processes} process(es) per node (one per GPU)")
-    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes, int4=not args.no_int4)
+    job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes,
+                                 int4=not args.no_int4, gpus_per_node=gpus)
     return submit_and_stream(ml_client, job, stream=not args.no_stream)
+
+
+def write_rehearsal_inputs(folder: Path) -> tuple[Path, Path, Path]:
+    """A tiny Phi-3 and the first few dozen rows of the data, in `folder`: (model, train, test)."""
+    from local.tiny_phi3 import build
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for source, rows, name in zip((config.TRAIN_DATA_PATH, config.TEST_DATA_PATH), REHEARSAL_ROWS, ("train", "test")):
+        with open(source, encoding="utf-8") as f:
+            head = [line for line in itertools.islice(f, rows * 2) if line.strip()][:rows]
+        files.append(folder / f"{name}_data.jsonl")
+        files[-1].write_text("".join(head), encoding="utf-8")
+    model = folder / "tiny-phi3"
+    if not (model / "config.json").is_file():
+        build(model)
+    return model, *files
+
+
+def rehearse_on_azure(args, extra_args):
+    """The real job, for cents: its environment, code and outputs, with a tiny model on a small CPU cluster."""
+    from local.tiny_phi3 import TINY_TRAINING_FLAGS
+
+    check_data_files()
+    profile = replace(REHEARSAL_PROFILE, compute_name=args.compute_name or REHEARSAL_PROFILE.compute_name,
+                      instance_type=args.compute_size or REHEARSAL_PROFILE.instance_type)
+    model, train, test = write_rehearsal_inputs(REHEARSAL_DIR)
+    ml_client = get_ml_client()
+    env = create_or_get_environment(ml_client, profile.docker_image)
+    cluster = create_or_get_compute_cluster(ml_client, profile.compute_name, profile.instance_type, args.location)
+    print(f"Rehearsing on {cluster.size} with a tiny Phi-3 and {sum(REHEARSAL_ROWS)} rows of {config.TRAIN_DATA_PATH} "
+          f"and {config.TEST_DATA_PATH}")
+    job = create_fine_tuning_job(
+        env, profile.compute_name, extra_args=[*TINY_TRAINING_FLAGS, *extra_args],
+        gpus_per_node=gpus_per_node(ml_client, cluster), display_name="fine-tune-phi-3-rehearsal",
+        data=(train, test), inputs={"model_name": Input(type="uri_folder", path=str(model))},
+    )
+    job = submit_and_stream(ml_client, job, stream=not args.no_stream, setting="AZURE_ML_REHEARSAL_JOB_NAME")
+    print("Next: `python deploy_model.py --rehearsal` deploys its int4 model on the smallest endpoint size and "
+          "asks it one question through the flow.")
+    return job
 
 
 def run_locally(args, extra_args) -> Path:
@@ -236,7 +301,7 @@ def run_locally(args, extra_args) -> Path:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="use the tutorial's CPU profile: Standard_E16s_v3 "
-                        "cluster 'cpu-e16s-v3' with the openmpi4.1.0-ubuntu20.04 image")
+                        f"cluster 'cpu-e16s-v3' with the {CPU_IMAGE.split('/')[-1]} image")
     parser.add_argument("--compute-name", help="compute cluster name (default: gpu-nc24s-a100-v4, or cpu-e16s-v3 with --cpu)")
     parser.add_argument("--compute-size", help="VM size of a new cluster (default: Standard_NC24ads_A100_v4, or "
                         "Standard_E16s_v3 with --cpu); a size with several GPUs, e.g. Standard_NC96ads_A100_v4, "
@@ -250,6 +315,12 @@ def parse_args(argv=None):
                              "quantized_model_output; with --local, outputs/models/<run>/model-int4)")
     parser.add_argument("--model-name", help="model to fine-tune, passed to fine_tune.py (default: "
                         "microsoft/Phi-3.5-mini-instruct on Azure; a tiny Phi-3 built on the spot with --local)")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="submit the same job for cents first: the same environment, code, outputs, int4 "
+                             "conversion and MLflow logging, with a tiny Phi-3 built here (an input folder) and "
+                             f"{REHEARSAL_ROWS[0]}+{REHEARSAL_ROWS[1]} rows of the data, on a "
+                             f"{REHEARSAL_PROFILE.instance_type} cluster '{REHEARSAL_PROFILE.compute_name}' "
+                             "that scales to 0; records AZURE_ML_REHEARSAL_JOB_NAME in .env")
     parser.add_argument("--local", action="store_true", help="run the same fine_tune.py command on this machine "
                         "instead, into outputs/models/<run>/model (no Azure account needed); without --model-name "
                         "it builds a tiny Phi-3 and trains it at a high learning rate for many epochs "
@@ -274,6 +345,8 @@ def main(argv=None):
     args, extra_args = parse_args(argv)
     if args.local:
         return run_locally(args, extra_args)
+    if args.rehearsal:
+        return rehearse_on_azure(args, extra_args)
     return run_on_azure(args, extra_args)
 
 

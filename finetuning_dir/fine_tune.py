@@ -12,8 +12,15 @@ the active MLflow tracking store (Azure ML's in a job, a local one elsewhere). T
 checkpoints go to --checkpoint_dir, never into the model folder.
 
 Every run says how much it learned: the base model is evaluated on the eval file before training
-and the fine-tuned one after (evaluate_model.py), logged to MLflow as base_eval_loss / eval_loss,
-and the run ends with a line such as `test loss 1.421 → 1.183 (perplexity 4.14 → 3.26)`.
+and the fine-tuned one after (evaluate_model.py), as it is saved (LoRA merged, weights rounded to
+the saved dtype), logged to MLflow as base_eval_loss / eval_loss, and the run ends with a line
+such as `test loss 1.421 → 1.183 (perplexity 4.14 → 3.26)`. `evaluate_model.py` on the saved
+folder gives the same figure.
+
+In an Azure ML job the output folders are mount points: models are written into them as
+model_folder.py says, never by replacing the folder. On a GPU cluster the job passes
+--require_gpu, so a torch that cannot see the GPU stops the job at once instead of training on
+the CPU for days.
 
 Precision: full fine-tuning keeps fp32 weights and runs the matmuls in bf16 (autocast) where the
 device computes bf16 natively. The tutorial's bf16 weights lose AdamW's small steps: at lr 5e-6 an
@@ -27,8 +34,9 @@ the base model's own dtype (bf16 for Phi-3.5-mini).
 import argparse
 import logging
 import os
-from contextlib import nullcontext
 import sys
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 
@@ -40,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 from trl import SFTConfig, SFTTrainer
 
 import evaluate_model
+import model_folder
 from chat_data import ChatDataError, check_jsonl_file
 from packed_rows import PerRowPackedCollator
 
@@ -120,6 +129,11 @@ class FineTuneArguments:
                           "Azure ML job uploads."},
     )
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    require_gpu: bool = field(
+        default=False,
+        metadata={"help": "Stop at once, before loading anything, unless torch sees a CUDA GPU (setup_ml.py passes "
+                          "it on GPU clusters: a torch that cannot use the node's driver would train on the CPU)."},
+    )
 
 
 def script_name() -> str:
@@ -142,6 +156,23 @@ def native_bf16() -> bool:
         return False
 
 
+def check_gpu() -> None:
+    """Stop with one line unless torch can use a CUDA GPU; say which CUDA torch was built for and what torch said."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return
+        count = torch.cuda.device_count()
+    why = "; ".join(" ".join(str(w.message).split())[:300] for w in said)
+    sys.exit(
+        f"fine_tune.py: --require_gpu, but torch sees no usable GPU: torch {torch.__version__}, "
+        f"torch.version.cuda = {torch.version.cuda}, torch.cuda.device_count() = {count}"
+        + (f" (torch says: {why})" if why else "")
+        + "; run on a GPU cluster with a driver for that CUDA version (nvidia-smi in the job's log shows the "
+        "driver's), pin a torch built for an older CUDA in conda.yml, or drop --require_gpu to train on the CPU"
+    )
+
+
 def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -149,12 +180,18 @@ def resolve_precision(requested: str) -> str:
 
 
 def weights_dtype(precision: str, trained_weights: bool) -> torch.dtype:
-    """The dtype to load the model in. `trained_weights`: the optimizer updates the model's own weights."""
+    """The dtype to train in. `trained_weights`: the optimizer updates the model's own weights (not LoRA's)."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "bf16-mixed" and not trained_weights:
-        return torch.bfloat16  # frozen (LoRA's base) or evaluated only: autocast computes in bf16 anyway
+        return torch.bfloat16  # LoRA's frozen base: autocast computes in bf16 anyway
     return torch.float32  # AdamW's steps of ~lr must not round away: keep an fp32 copy of what it updates
+
+
+def evaluation_dtype(precision: str) -> torch.dtype:
+    """The dtype a model is evaluated in: the training dtype of a full fine-tune, so that a saved model's
+    figure is the same whether it is taken at the end of a run or later by evaluate_model.py."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def model_folders(model_name: str) -> tuple[str, str]:
@@ -197,9 +234,10 @@ def apply_chat_template(example, tokenizer):
 def load_model(args, for_training: bool = True):
     """The model and tokenizer of args.model_name, in the dtype args.precision asks for; one line if unreachable."""
     precision = resolve_precision(args.precision)
+    dtype = weights_dtype(precision, trained_weights=not args.lora) if for_training else evaluation_dtype(precision)
     model_kwargs = {
         "use_cache": False,
-        "dtype": weights_dtype(precision, trained_weights=for_training and not args.lora),
+        "dtype": dtype,
         "device_map": None,
         "attn_implementation": args.attn_implementation,
     }
@@ -321,14 +359,15 @@ def save_mlflow_model(model, tokenizer, output_dir):
     """Write the fine-tuned model as an MLflow transformers model folder."""
     tokenizer.padding_side = "left"  # generation pads on the left
     signature = infer_signature(["Who founded Microsoft?"], ["Bill Gates and Paul Allen."], params=PREDICT_PARAMS)
-    mlflow.transformers.save_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        path=output_dir,
-        task="text-generation",
-        signature=signature,
-        prompt_template=chat_prompt_template(tokenizer),
-        pip_requirements=serving_requirements(),
-    )
+    with model_folder.staged(output_dir, "--model_output_dir") as path:
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            path=str(path),
+            task="text-generation",
+            signature=signature,
+            prompt_template=chat_prompt_template(tokenizer),
+            pip_requirements=serving_requirements(),
+        )
 
 
 def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
@@ -351,9 +390,9 @@ def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
     return trainer
 
 
-def train_and_evaluate_model(args, trainer, questions):
+def train_and_evaluate_model(args, trainer, questions, saved_as):
     """
-    Evaluate the base model, train, and evaluate the fine-tuned model; return both evaluations.
+    Evaluate the base model, train, and evaluate the fine-tuned model as it is saved; return both evaluations.
     """
     base = evaluate_model.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="base_eval")
     if is_main_process():
@@ -363,6 +402,7 @@ def train_and_evaluate_model(args, trainer, questions):
         )
     train_result = trainer.train()
     trainer.log_metrics("train", train_result.metrics)
+    as_saved(args, trainer, saved_as)
     tuned = evaluate_model.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="eval")
     tuned_metrics = {"eval_loss": tuned.loss, "eval_samples": len(trainer.eval_dataset)}
     trainer.log_metrics("eval", tuned_metrics)
@@ -371,11 +411,21 @@ def train_and_evaluate_model(args, trainer, questions):
     return base, tuned
 
 
-def save_fine_tuned_model(args, trainer, tokenizer, dtype):
-    """Merge LoRA adapters, cast to the base model's dtype, and write the MLflow model folder."""
+def as_saved(args, trainer, saved_as: torch.dtype | None) -> None:
+    """Make the trainer's model the one that is saved: LoRA merged, weights rounded to `saved_as` (the
+    base model's dtype), held in the evaluation dtype. The closing figures are then the shipped model's."""
     model = trainer.model.merge_and_unload() if args.lora else trainer.model
-    if dtype is not None:
-        model = model.to(dtype)
+    if saved_as is not None:
+        model = model.to(saved_as)
+    model = model.to(evaluation_dtype(resolve_precision(args.precision)))
+    trainer.model = trainer.model_wrapped = model
+    if is_main_process():
+        logger.info("Evaluating the fine-tuned model as it is saved (%s weights)", saved_as or "unchanged")
+
+
+def save_fine_tuned_model(args, trainer, tokenizer, dtype):
+    """Write the trainer's model (see as_saved) in the base model's dtype as the MLflow model folder."""
+    model = trainer.model.to(dtype) if dtype is not None else trainer.model
     save_mlflow_model(model, tokenizer, args.model_output_dir)
     mlflow.set_tag("model_output_dir", os.path.abspath(args.model_output_dir))
     logger.info("Saved the fine-tuned MLflow model to %s (%s)", args.model_output_dir, next(model.parameters()).dtype)
@@ -394,14 +444,19 @@ def check_inputs(args: FineTuneArguments):
     for path in (args.train_file, args.eval_file):
         check_eval_file(path)
     for flag, folder in (("--model_output_dir", args.model_output_dir), ("--quantized_output_dir", args.quantized_output_dir)):
-        if folder and os.path.isdir(folder) and os.listdir(folder):
-            sys.exit(f"fine_tune.py: {flag} {folder} is not empty; pass a new folder (nothing in it was touched)")
+        try:
+            if folder:
+                model_folder.check_empty(folder, flag)
+        except model_folder.OutputFolderError as e:
+            sys.exit(f"fine_tune.py: {e}")
 
 
 def main(args: FineTuneArguments):
     """
     Main function to fine-tune the model.
     """
+    if args.require_gpu:
+        check_gpu()
     check_inputs(args)
     with mlflow.start_run() if is_main_process() else nullcontext():
         if is_main_process():
@@ -410,9 +465,10 @@ def main(args: FineTuneArguments):
         train_dataset, test_dataset = load_and_preprocess_data(args.train_file, args.eval_file, tokenizer, args.num_proc)
         questions = evaluate_model.read_questions(args.eval_file, args.eval_questions)
         trainer = build_trainer(args, model, tokenizer, train_dataset, test_dataset)
-        base, tuned = train_and_evaluate_model(args, trainer, questions)
+        saved_as = saved_dtype(args.model_name)
+        base, tuned = train_and_evaluate_model(args, trainer, questions, saved_as)
         if is_main_process():
-            save_fine_tuned_model(args, trainer, tokenizer, saved_dtype(args.model_name))
+            save_fine_tuned_model(args, trainer, tokenizer, saved_as)
             if args.quantized_output_dir:
                 import quantize_model
 

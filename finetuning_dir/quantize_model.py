@@ -10,22 +10,22 @@ return_full_text), the same chat template, a list of strings back. deploy_model.
     python finetuning_dir/quantize_model.py --model-dir outputs/models/<run>/model \\
         --output-dir outputs/models/<run>/model-int4
 
-The output folder is written whole or not at all: the model is built in a temporary folder beside
-it and moved into place at the end. fine_tune.py --quantized_output_dir runs the same conversion
-at the end of training (the Azure job declares that folder as a second model output).
+The model is built in a temporary folder on this machine's disk and copied into the output folder,
+its MLmodel file last (model_folder.py: the output may be an Azure ML job's mount point).
+fine_tune.py --quantized_output_dir runs the same conversion at the end of training (the Azure
+job declares that folder as a second model output).
 """
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 from mlflow.models import Model
+
+import model_folder
 
 INT4_MODEL_CODE = Path(__file__).resolve().with_name("int4_model.py")
 FORM = "int4"
@@ -52,11 +52,6 @@ def check_model_dir(model_dir: Path) -> Model:
             "(model/config.json); pass the folder fine_tune.py wrote as --model_output_dir"
         )
     return source
-
-
-def check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise QuantizeError(f"{output_dir} exists and is not empty; pass a new folder (nothing in it was touched)")
 
 
 def stage_hf_folder(model_dir: Path, staging: Path) -> Path:
@@ -106,18 +101,11 @@ def quantize(model_dir, output_dir) -> Path:
     """Convert fine_tune.py's model at `model_dir` into the int4 MLflow model `output_dir`; return it."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     source = check_model_dir(model_dir)
-    check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with model_folder.staged(output_dir, "--output-dir") as staged:
+        work = staged.parent
         print(f"Converting {model_dir} to int4 ONNX (onnxruntime-genai model builder) ...", flush=True)
         onnx_dir = build_onnx(stage_hf_folder(model_dir, work / "hf"), work / "onnx", work / "cache")
-        save_int4_model(onnx_dir, work / "model", source)
-        if output_dir.exists():
-            output_dir.rmdir()  # checked empty above
-        (work / "model").rename(output_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        save_int4_model(onnx_dir, staged, source)
     size = sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
     print(f"Saved the int4 MLflow model to {output_dir} ({size / 2**20:,.1f} MiB)", flush=True)
     return output_dir
@@ -132,7 +120,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return quantize(args.model_dir, args.output_dir)
-    except QuantizeError as e:
+    except (QuantizeError, model_folder.OutputFolderError) as e:
         sys.exit(f"quantize_model.py: {e}")
 
 

@@ -123,15 +123,17 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     # The int4 form runs the project's scoring script (the local endpoint's) in its pinned CPU environment.
     assert props["codeConfiguration"] == {"codeId": str(ROOT / "scoring"), "scoringScript": "score.py"}
     (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
-    assert deployment.environment.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+    assert deployment.environment.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20250701.v1"
     assert deployment.environment.conda_file == yaml.safe_load((ROOT / "scoring" / "conda.yml").read_text())
     assert props["environmentVariables"] == {
         "SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
         "RESOURCE_GROUP_NAME": "finetunephi-rg",
         "UAI_CLIENT_ID": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+        "WORKER_COUNT": "1",
     }
+    # int4: ~14 s an answer, so Azure may admit 2 x 3 requests; it loads in seconds.
     assert props["requestSettings"] == {"maxConcurrentRequestsPerInstance": 3, "requestTimeout": "PT3M"}
-    probe = {"failureThreshold": 30, "successThreshold": 1, "period": "PT1M40S", "initialDelay": "PT8M20S"}
+    probe = {"failureThreshold": 30, "successThreshold": 1, "period": "PT10S", "initialDelay": "PT30S"}
     assert props["livenessProbe"] == probe and props["readinessProbe"] == probe
     (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
     assert deployment.endpoint_name == "finetune-phi-endpoint" and deployment.name == "finetune-phi-deployment"
@@ -156,6 +158,11 @@ def test_form_transformers_deploys_the_model_as_trained(workspace):
     assert body["model"] == MODEL_ID
     # The tutorial's no-code deployment: Azure's own MLflow scoring and environment.
     assert "codeConfiguration" not in body and "environmentId" not in body
+    # bf16: ~70 s an answer on one worker, so one request per instance (Azure admits 2: the second
+    # waits ~140 s, within the 180 s limit); 7.6 GB to load, so the probes wait longer.
+    assert body["requestSettings"] == {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT3M"}
+    probe = {"failureThreshold": 60, "successThreshold": 1, "period": "PT10S", "initialDelay": "PT2M"}
+    assert body["livenessProbe"] == probe and body["readinessProbe"] == probe
 
 
 def test_connect_only_fetches_the_live_endpoints_uri_and_key(workspace, tmp_path, capsys):
@@ -258,12 +265,57 @@ def test_failed_deployment_prints_its_logs_and_exits_non_zero(workspace, tmp_pat
     assert not (tmp_path / ".env").exists()
 
 
-def test_invalid_endpoint_name_is_caught_before_azure(workspace, monkeypatch):
-    monkeypatch.setattr(config, "AZURE_ENDPOINT_NAME", "finetune-phi-endpoint-for-my-team-2026")
+@pytest.mark.parametrize("name", ["finetune-phi-endpoint-for-my-team-2026", "finetune--phi", "2phi", "ph"])
+def test_invalid_endpoint_name_is_caught_before_azure(workspace, monkeypatch, name):
+    # Azure's rule (how-to-manage-quotas): begin with a letter, 3-32 characters, letters and numbers,
+    # single dashes accepted.
+    monkeypatch.setattr(config, "AZURE_ENDPOINT_NAME", name)
     with pytest.raises(SystemExit) as stop:
         deploy_model.main([])
-    assert "is not a valid endpoint name: use 3-32 letters, digits and hyphens" in str(stop.value)
+    assert str(stop.value) == (
+        f"deploy_model.py: AZURE_ENDPOINT_NAME '{name}' is not a valid endpoint name: use 3-32 letters, digits "
+        "and single hyphens, starting with a letter (e.g. finetune-phi-endpoint)"
+    )
     workspace.jobs.get.assert_not_called()
+
+
+def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_flow(workspace, monkeypatch,
+                                                                                     tmp_path, capsys):
+    monkeypatch.setattr(config, "AZURE_ML_REHEARSAL_JOB_NAME", "calm_kiwi_7")
+    asked = []
+    monkeypatch.setattr("local.pipeline.ask_the_flow", lambda question, settings: asked.append((question, settings))
+                        or "Microsoft was founded by Bill Gates and Paul Allen in 1975.")
+    deploy_model.main(["--rehearsal"])
+
+    workspace.jobs.get.assert_called_once_with("calm_kiwi_7")
+    (model,), _ = workspace.models.create_or_update.call_args
+    assert model.name == "finetune-phi-model-rehearsal-int4"
+    assert model._to_rest_object().as_dict()["properties"]["modelUri"] == (
+        "azureml://jobs/calm_kiwi_7/outputs/quantized_model_output"
+    )
+    create, traffic = workspace.live.bodies
+    assert traffic["properties"]["traffic"] == {"rehearsal": 100}
+    (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
+    assert deployment.endpoint_name == "finetune-phi-endpoint-rehearsal" and deployment.name == "rehearsal"
+    props = deployment_body(workspace)["properties"]
+    assert props["instanceType"] == "Standard_DS1_v2"
+    assert props["codeConfiguration"] == {"codeId": str(ROOT / "scoring"), "scoringScript": "score.py"}
+    # One question through the flow, at the rehearsal's endpoint; .env keeps what it had.
+    assert asked == [("Who founded Microsoft?", {"AZURE_ML_ENDPOINT": SCORING_URI, "AZURE_ML_API_KEY": "pk-123"})]
+    assert not (tmp_path / ".env").exists()
+    out = capsys.readouterr().out
+    assert "python deploy_model.py --rehearsal --delete --yes" in out
+
+    workspace.online_endpoints.begin_delete.return_value = poller(None)
+    deploy_model.main(["--rehearsal", "--delete", "--yes"])
+    workspace.online_endpoints.begin_delete.assert_called_once_with(name="finetune-phi-endpoint-rehearsal")
+
+
+def test_rehearsal_endpoint_names_keep_azures_rule():
+    assert deploy_model.rehearsal_endpoint_name("finetune-phi-endpoint") == "finetune-phi-endpoint-rehearsal"
+    long = deploy_model.rehearsal_endpoint_name("a-very-long-endpoint-name-of-32c")
+    assert len(long) <= 32 and deploy_model.ENDPOINT_NAME.fullmatch(long), long
+    assert deploy_model.rehearsal_endpoint_name("abcdefghijklmnopqrstu-x") == "abcdefghijklmnopqrstu-rehearsal"
 
 
 def test_delete_with_yes_removes_the_endpoint(workspace, capsys):
@@ -313,7 +365,8 @@ def test_deploy_needs_identity_and_names_filled(monkeypatch):
 def test_help_explains_every_flag():
     result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
-    for flag in ("--job-name", "--form", "--delete", "--yes", "--connect", "--local", "--model-dir", "--port"):
+    for flag in ("--job-name", "--form", "--delete", "--yes", "--connect", "--local", "--model-dir", "--port",
+                 "--rehearsal"):
         assert flag in result.stdout, flag
 
 

@@ -157,6 +157,73 @@ def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, lear
     assert alone.stdout.strip().splitlines()[-1].split()[2] == run_line.split()[2]
 
 
+def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_reproduces_it(tmp_path, chat_files):
+    # The path an A100 (or a CPU with AVX512-BF16/AMX) takes under --precision auto, run on purpose
+    # whatever this CPU is: fp32 weights under bf16 autocast, saved in the base model's bf16. The
+    # closing line is the saved model's figure, so evaluating the saved folder gives the same line.
+    from local import tiny_phi3
+
+    base = tiny_phi3.build(tmp_path / "base")
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)  # stored in bf16, as Phi-3.5
+    out = tmp_path / "run" / "model"
+    out.parent.mkdir()
+    flags = ("--precision", "bf16-mixed", "--max-length", "256", "--learning-rate", "1e-3", "--epochs", "1")
+    result = fine_tune(base, *chat_files, out, *flags, "--eval-questions", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "precision bf16-mixed (weights torch.float32)" in result.stdout
+    assert "Evaluating the fine-tuned model as it is saved (torch.bfloat16 weights)" in result.stdout
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out / "model").dtype == torch.bfloat16
+    run_line = SUMMARY.search(result.stdout.strip().splitlines()[-1]).group(0)
+    evaluated = run_script(
+        [ROOT / "finetuning_dir" / "evaluate_model.py", "--model", out, "--baseline", base, "--eval-file",
+         chat_files[1], "--max-length", "256", "--precision", "bf16-mixed", "--questions", "0"],
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert evaluated.stdout.strip().splitlines()[-1] == run_line
+
+
+def test_a_model_folder_is_copied_in_with_its_mlmodel_last_or_not_at_all(tmp_path, monkeypatch):
+    # An output folder may be an Azure ML mount point: it is written into, never replaced, and a copy
+    # that stops half-way leaves it empty: no MLmodel, so nothing passes for a finished model.
+    import shutil
+
+    import model_folder
+
+    def save(path):
+        (path / "model").mkdir(parents=True)
+        for name in ("a.safetensors", "config.json"):
+            (path / "model" / name).write_text(name)
+        (path / "MLmodel").write_text("flavors: {}")
+        (path / "requirements.txt").write_text("mlflow")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    copied, real_copy = [], shutil.copyfile
+    monkeypatch.setattr(model_folder.shutil, "copyfile", lambda src, dst: copied.append(dst) or real_copy(src, dst))
+    with model_folder.staged(out) as path:
+        save(path)
+    assert copied[-1] == out / "MLmodel" and len(copied) == 4
+    assert (out / "model" / "a.safetensors").read_text() == "a.safetensors"
+
+    def disk_full(src, dst):
+        if len(copied) == 2:
+            raise OSError(28, "No space left on device")
+        copied.append(dst)
+        return real_copy(src, dst)
+
+    half = tmp_path / "half"
+    half.mkdir()
+    copied.clear()
+    monkeypatch.setattr(model_folder.shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        with model_folder.staged(half) as path:
+            save(path)
+    assert half.is_dir() and not list(half.iterdir()), "the folder stays, empty"
+
+
 def test_the_evaluation_explains_its_flags_and_refuses_bad_input(tmp_path):
     script = ROOT / "finetuning_dir" / "evaluate_model.py"
     help_text = run_script([script, "--help"], cwd=tmp_path)

@@ -116,7 +116,9 @@ def test_a_non_empty_output_is_left_alone(fine_tuned_model, tmp_path):
     write_jsonl(out / "keep.jsonl", [{"kept": True}])
     result = run_script([QUANTIZE, "--model-dir", fine_tuned_model, "--output-dir", out], cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().endswith("exists and is not empty; pass a new folder (nothing in it was touched)")
+    assert result.stderr.strip() == (
+        f"quantize_model.py: --output-dir {out} is not empty; pass a new folder (nothing in it was touched)"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
 
 
@@ -127,9 +129,13 @@ def test_a_failed_conversion_leaves_nothing_behind(fine_tuned_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(fine_tuned_model, broken)
     (broken / "model" / "model.safetensors").write_bytes(b"not weights")
-    result = run_script([QUANTIZE, "--model-dir", broken, "--output-dir", tmp_path / "model-int4"], cwd=tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = run_script([QUANTIZE, "--model-dir", broken, "--output-dir", tmp_path / "model-int4"], cwd=tmp_path,
+                        env={"TMPDIR": str(scratch)})
     assert result.returncode != 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"], "no output and no temporary folder left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "tmp"], "no output folder"
+    assert not list(scratch.iterdir()), "no scratch folder left"
 
 
 def test_the_int4_model_chats_through_the_local_endpoint_and_the_flow(int4_model, quiet_pf_home, tmp_path):

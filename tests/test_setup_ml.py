@@ -4,6 +4,9 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -43,6 +46,7 @@ def workspace(tmp_path, monkeypatch, chat_files):
     client.compute.begin_create_or_update.side_effect = lambda compute: poller(compute)
     # Azure's list of VM sizes of a region, as list_sizes returns it (an excerpt).
     client.compute.list_sizes.return_value = [
+        VmSize(name="Standard_DS3_v2", v_cp_us=4, gpus=0),
         VmSize(name="Standard_E16s_v3", v_cp_us=16, gpus=0),
         VmSize(name="Standard_NC24ads_A100_v4", v_cp_us=24, gpus=1),
         VmSize(name="Standard_NC48ads_A100_v4", v_cp_us=48, gpus=2),
@@ -51,8 +55,11 @@ def workspace(tmp_path, monkeypatch, chat_files):
     # What jobs.create_or_update returns: the job, now with a name and a studio URL.
     client.jobs.create_or_update.side_effect = lambda job: _named(job, "shy_lamp_42")
     monkeypatch.setattr(setup_ml, "get_ml_client", lambda *needed: client)
+    monkeypatch.setattr(config, "AZURE_ML_REHEARSAL_JOB_NAME", "")
+    monkeypatch.setattr(setup_ml, "REHEARSAL_DIR", tmp_path / "rehearsal")
     yield client
-    os.environ.pop("AZURE_ML_JOB_NAME", None)  # save_settings() exported it
+    for name in ("AZURE_ML_JOB_NAME", "AZURE_ML_REHEARSAL_JOB_NAME"):
+        os.environ.pop(name, None)  # save_settings() exported it
 
 
 def _named(job, name):
@@ -78,7 +85,7 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
     (env,), _ = workspace.environments.create_or_update.call_args
     env_body = env._to_rest_object().as_dict()["properties"]
     assert env.name == "phi-3-training-environment"
-    assert env_body["image"] == "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:59"
+    assert env_body["image"] == "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:127"  # Ubuntu 22.04, pinned
     assert yaml.safe_load(env_body["condaFile"]) == yaml.safe_load((ROOT / "conda.yml").read_text())
 
     workspace.compute.get.assert_called_once_with("gpu-nc24s-a100-v4")
@@ -94,7 +101,7 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
     assert job["command"] == (
         "python fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
         "--model_output_dir ${{outputs.model_output}} --quantized_output_dir ${{outputs.quantized_model_output}} "
-        "--save-steps 0"
+        "--save-steps 0 --require_gpu"  # an A100 node: a torch that cannot see its GPU stops the job at once
     )
     assert job["codeId"] == str(ROOT / "finetuning_dir")
     assert job["computeId"] == "gpu-nc24s-a100-v4"
@@ -128,7 +135,8 @@ def test_existing_cluster_is_reused(workspace):
 def test_cpu_profile_and_overrides(workspace):
     setup_ml.main(["--cpu", "--location", "westus3"])
     (env,), _ = workspace.environments.create_or_update.call_args
-    assert env.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest"
+    assert env.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20250701.v1"  # supported, dated tag
+    assert "--require_gpu" not in submitted_job_body(workspace)["command"]
     compute = created_compute_body(workspace)
     assert compute["properties"]["properties"]["vmSize"] == "Standard_E16s_v3"
     assert compute["location"] == "westus3"
@@ -182,7 +190,7 @@ def test_fine_tune_flags_and_model_name_reach_the_job_command(workspace):
     setup_ml.main(["--model-name", "microsoft/Phi-3-mini-4k-instruct", "--", "--lora", "--epochs", "1", "--checkpoint_dir", "a b"])
     assert submitted_job_body(workspace)["command"].endswith(
         "--model_output_dir ${{outputs.model_output}} --quantized_output_dir ${{outputs.quantized_model_output}} "
-        "--save-steps 0 --model-name microsoft/Phi-3-mini-4k-instruct "
+        "--save-steps 0 --require_gpu --model-name microsoft/Phi-3-mini-4k-instruct "
         "--lora --epochs 1 --checkpoint_dir 'a b'"
     )
 
@@ -281,29 +289,106 @@ def test_help_explains_every_flag():
     result = run_script([ROOT / "setup_ml.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--cpu", "--compute-name", "--compute-size", "--location", "--instance-count", "--no-stream",
-                 "--no-int4", "--model-name", "--local", "after --"):
+                 "--no-int4", "--model-name", "--local", "--rehearsal", "after --"):
         assert flag in result.stdout, flag
 
 
-def test_the_jobs_command_uploads_only_the_model(workspace, tmp_path, tiny_model_dir, chat_files):
-    # Azure ML uploads a job's ./outputs and its declared outputs. Run the job's own command line in a
-    # copy of its code folder, as the node would, and see what lands where.
-    setup_ml.main(["--no-stream"])
-    command = submitted_job_body(workspace)["command"]
+def job_command_here(body: dict, values: dict) -> list[str]:
+    """The job's command line with its ${{...}} placeholders replaced, as the node runs it."""
+    command = body["command"]
+    for placeholder, value in values.items():
+        command = command.replace("${{" + placeholder + "}}", str(value))
+    assert "${{" not in command, command
+    return shlex.split(command)
+
+
+def test_the_rehearsal_submits_the_real_job_with_a_tiny_model_on_a_small_cpu_cluster(workspace, tmp_path, capsys):
+    setup_ml.main(["--rehearsal", "--no-stream"])
+    (env,), _ = workspace.environments.create_or_update.call_args
+    assert env.name == "phi-3-training-environment" and env.image == setup_ml.GPU_IMAGE  # the A100 job's own
+    compute = created_compute_body(workspace)["properties"]["properties"]
+    assert compute["vmSize"] == "Standard_DS3_v2"
+    assert compute["scaleSettings"]["minNodeCount"] == 0 and compute["scaleSettings"]["maxNodeCount"] == 1
+    job = submitted_job_body(workspace)
+    assert job["computeId"] == "cpu-rehearsal" and job["displayName"] == "fine-tune-phi-3-rehearsal"
+    assert job["codeId"] == str(ROOT / "finetuning_dir")
+    assert job["outputs"] == {
+        "model_output": {"jobOutputType": "mlflow_model"},
+        "quantized_model_output": {"jobOutputType": "mlflow_model"},
+    }
+    folder = tmp_path / "rehearsal"
+    assert job["inputs"] == {
+        "train_file": {"uri": str(folder / "train_data.jsonl"), "jobInputType": "uri_file"},
+        "eval_file": {"uri": str(folder / "test_data.jsonl"), "jobInputType": "uri_file"},
+        "model_name": {"uri": str(folder / "tiny-phi3"), "jobInputType": "uri_folder"},  # uploaded from here
+    }
+    assert job["command"] == (
+        "python fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
+        "--model_output_dir ${{outputs.model_output}} --quantized_output_dir ${{outputs.quantized_model_output}} "
+        "--save-steps 0 --model-name ${{inputs.model_name}} " + shlex.join(TINY_TRAINING_FLAGS)
+    )
+    assert len((folder / "train_data.jsonl").read_text().splitlines()) == 40
+    assert len((folder / "test_data.jsonl").read_text().splitlines()) == 10
+    assert (folder / "tiny-phi3" / "config.json").is_file()
+    assert "AZURE_ML_REHEARSAL_JOB_NAME=shy_lamp_42" in (tmp_path / ".env").read_text()
+    assert "AZURE_ML_JOB_NAME" not in (tmp_path / ".env").read_text(), "deploy_model.py's default job is untouched"
+    assert "python deploy_model.py --rehearsal" in capsys.readouterr().out
+
+
+def test_the_rehearsal_command_writes_both_models_into_mount_points(workspace, tmp_path):
+    # What Azure hands the job: a copy of finetuning_dir/ as the working folder (the code snapshot),
+    # read-only inputs, and each output an empty folder that is a mount point of its own (rw_mount):
+    # it can be written into, but not removed, replaced or renamed. Bind mounts in a private mount
+    # namespace make them real mount points here.
+    setup_ml.main(["--rehearsal", "--no-stream"])
+    body = submitted_job_body(workspace)
+    inputs = tmp_path / "rehearsal"  # the job's three inputs live here
     snapshot = tmp_path / "wd"
-    # What Azure ML snapshots: the folder less what .gitignore names.
     shutil.copytree(ROOT / "finetuning_dir", snapshot, ignore=shutil.ignore_patterns("__pycache__", "mlruns", "checkpoints"))
-    model_output, int4_output = tmp_path / "model_output", tmp_path / "quantized_model_output"
-    command = (command.replace("${{inputs.train_file}}", str(chat_files[0]))
-               .replace("${{inputs.eval_file}}", str(chat_files[1]))
-               .replace("${{outputs.model_output}}", str(model_output))
-               .replace("${{outputs.quantized_model_output}}", str(int4_output)))
-    args = shlex.split(command)[1:] + ["--model-name", str(tiny_model_dir), "--max-steps", "3", "--max-length", "256"]
-    result = run_script(args, cwd=snapshot)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (model_output / "MLmodel").is_file() and (int4_output / "MLmodel").is_file()
+    outputs = {name: tmp_path / "outputs" / name for name in ("model_output", "quantized_model_output")}
+    for folder in outputs.values():
+        folder.mkdir(parents=True)
+    args = job_command_here(body, {
+        "inputs.train_file": inputs / "train_data.jsonl", "inputs.eval_file": inputs / "test_data.jsonl",
+        "inputs.model_name": inputs / "tiny-phi3", **{f"outputs.{k}": v for k, v in outputs.items()},
+    })
+    mounts = " && ".join(
+        [f"mount --bind {shlex.quote(str(f))} {shlex.quote(str(f))}" for f in outputs.values()]
+        + [f"mount --bind {inputs} {inputs}", f"mount -o remount,bind,ro {inputs}"]
+    )
+    script = f'{mounts} || exit 98; if touch {inputs}/probe 2>/dev/null; then exit 99; fi; exec "$@"'
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", sys.executable, *args[1:]],
+        cwd=snapshot, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode not in (98, 99), f"the mounts were not made ({result.returncode}): {result.stderr}"
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (outputs["model_output"] / "MLmodel").is_file() and (outputs["model_output"] / "model" / "config.json").is_file()
+    assert (outputs["quantized_model_output"] / "MLmodel").is_file()
+    assert (outputs["quantized_model_output"] / "artifacts" / "onnx" / "genai_config.json").is_file()
+    # Nothing but the outputs was written where Azure uploads (./outputs) or keeps (checkpoints).
     written = sorted(p.name for p in snapshot.iterdir())
     assert "outputs" not in written and "mlruns" not in written, written
     assert not list(snapshot.rglob("checkpoint-*")), "the job writes no trainer checkpoints"
-    sizes = [sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20 for out in (model_output, int4_output)]
-    print(f"the job uploads its two model outputs ({sizes[0]:.1f} and {sizes[1]:.1f} MiB) and nothing under ./outputs")
+    assert "test loss" in result.stdout.strip().splitlines()[-1]
+
+
+def test_the_gpu_jobs_command_stops_at_once_on_a_machine_without_a_gpu(workspace, tmp_path, chat_files):
+    setup_ml.main(["--no-stream"])  # the A100 profile
+    body = submitted_job_body(workspace)
+    outputs = {name: tmp_path / name for name in ("model_output", "quantized_model_output")}
+    args = job_command_here(body, {
+        "inputs.train_file": chat_files[0], "inputs.eval_file": chat_files[1],
+        **{f"outputs.{k}": v for k, v in outputs.items()},
+    })
+    snapshot = shutil.copytree(ROOT / "finetuning_dir", tmp_path / "wd", ignore=shutil.ignore_patterns("__pycache__"))
+    started = time.monotonic()
+    result = run_script(args[1:], cwd=snapshot)  # the default model is the Hub's: it is never reached
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("fine_tune.py: --require_gpu, but torch sees no usable GPU: torch ")
+    assert "torch.version.cuda = " in line and "torch.cuda.device_count() = 0" in line
+    assert line.endswith("or drop --require_gpu to train on the CPU")
+    assert not any(folder.exists() for folder in outputs.values())
+    print(f"the GPU job's command stopped after {elapsed:.1f} s: {line}")
