@@ -294,19 +294,20 @@ def rehearsal_endpoint_name(endpoint_name: str) -> str:
     return endpoint_name[:22].rstrip("-") + "-rehearsal"
 
 
-def deploy(job_name, form, rehearsal=False):
+def deploy(job_name, form, rehearsal=False, instance_type=None):
     if not job_name:
         step = "setup_ml.py --rehearsal" if rehearsal else "setup_ml.py"
         sys.exit(f"deploy_model.py: no job to deploy: run `python {step}` first (it records the job in .env) "
                  "or pass --job-name")
     ml_client = get_ml_client(*DEPLOY_SETTINGS)
     check_endpoint_name(config.AZURE_ENDPOINT_NAME)
-    endpoint_name, deployment_name, model_name, instance_type = (
-        config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, config.AZURE_MODEL_NAME, COMPUTE_INSTANCE_TYPE
+    endpoint_name, deployment_name, model_name = (
+        config.AZURE_ENDPOINT_NAME, config.AZURE_DEPLOYMENT_NAME, config.AZURE_MODEL_NAME
     )
-    if rehearsal:
+    if rehearsal:  # its own model name, endpoint and deployment, beside the real ones
         endpoint_name, deployment_name = rehearsal_endpoint_name(endpoint_name), "rehearsal"
-        model_name, instance_type = model_name + "-rehearsal", REHEARSAL_INSTANCE_TYPE
+        model_name += "-rehearsal"
+    instance_type = instance_type or (REHEARSAL_INSTANCE_TYPE if rehearsal else COMPUTE_INSTANCE_TYPE)
     check_job(ml_client, job_name, form)
     model = register_model(ml_client, model_name, job_name, form)
     create_or_update_endpoint(ml_client, endpoint_name, "Endpoint for finetuned Phi-3 model")
@@ -344,6 +345,9 @@ def parse_args(argv=None):
                         help="which form of the fine-tuned model to serve: int4 (its int4 ONNX form, several times "
                              "faster on the deployment's CPUs) or transformers (the bf16 model as trained) "
                              "(default: int4)")
+    parser.add_argument("--instance-type", default=None,
+                        help=f"VM size of the deployment (default: {COMPUTE_INSTANCE_TYPE}, or "
+                             f"{REHEARSAL_INSTANCE_TYPE} with --rehearsal)")
     parser.add_argument("--delete", action="store_true", help="delete the endpoint AZURE_ENDPOINT_NAME and its deployments "
                         "(with --rehearsal: the rehearsal's endpoint)")
     parser.add_argument("--rehearsal", action="store_true",
@@ -389,8 +393,8 @@ def main(argv=None):
             delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), name)
         return None
     if args.rehearsal:
-        return deploy(args.job_name or config.AZURE_ML_REHEARSAL_JOB_NAME, args.form, rehearsal=True)
-    return deploy(args.job_name or config.AZURE_ML_JOB_NAME, args.form)
+        return deploy(args.job_name or config.AZURE_ML_REHEARSAL_JOB_NAME, args.form, True, args.instance_type)
+    return deploy(args.job_name or config.AZURE_ML_JOB_NAME, args.form, instance_type=args.instance_type)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_serving_benchmark_times_the_big_model_in_every_form():
     # served forms through the local endpoint.
     result = run_script(
         [BENCH / "bench_serving.py", "--skip-endpoint", "--big", "--big-layers", 1, "--big-tokens", 3,
-         "--big-forms", "bfloat16,int4", "--big-endpoint", "--big-calls", 2, "--big-concurrency", 2,
+         "--big-forms", "bfloat16,int4", "--big-endpoint", "--big-calls", 2, "--big-concurrency", 3,
          "--big-answer-tokens", 5],
         cwd=ROOT, timeout=900,
     )
@@ -203,9 +203,13 @@ def test_serving_benchmark_times_the_big_model_in_every_form():
     assert "int4 / bf16 tokens/s: " in result.stdout
     served = {r["form"]: r for r in payload["big_endpoint"]}
     assert set(served) == {"bf16 transformers", "int4"}
+    # Each form's deployment settings: Azure admits 2 x max_concurrent_requests_per_instance at once.
+    assert (served["bf16 transformers"]["admitted"], served["bf16 transformers"]["rejected_429"]) == (2, 1)
+    assert (served["int4"]["admitted"], served["int4"]["rejected_429"]) == (3, 0)
     for row in served.values():
         # The random model never stops early (counted again from the text: random tokens re-tokenize loosely).
-        assert row["calls"] == 2 and 4 <= row["tokens_per_answer"] <= 8
+        assert row["calls"] == row["admitted"] and 4 <= row["tokens_per_answer"] <= 8
+        assert row["load_s"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_rss_mb"] > 100
         assert row["over_180_s"] == 0  # five tokens of one layer: far inside the request limit
     assert served["int4"]["server_rss_mb"] < served["bf16 transformers"]["server_rss_mb"]

@@ -310,6 +310,9 @@ def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_
     deploy_model.main(["--rehearsal", "--delete", "--yes"])
     workspace.online_endpoints.begin_delete.assert_called_once_with(name="finetune-phi-endpoint-rehearsal")
 
+    deploy_model.main(["--rehearsal", "--instance-type", "Standard_DS2_v2"])  # the next size up
+    assert deployment_body(workspace)["properties"]["instanceType"] == "Standard_DS2_v2"
+
 
 def test_rehearsal_endpoint_names_keep_azures_rule():
     assert deploy_model.rehearsal_endpoint_name("finetune-phi-endpoint") == "finetune-phi-endpoint-rehearsal"
@@ -366,7 +369,7 @@ def test_help_explains_every_flag():
     result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--job-name", "--form", "--delete", "--yes", "--connect", "--local", "--model-dir", "--port",
-                 "--rehearsal"):
+                 "--rehearsal", "--instance-type"):
         assert flag in result.stdout, flag
 
 
