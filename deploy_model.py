@@ -67,7 +67,7 @@ COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
 # The int4 form is an MLflow pyfunc model, for which Azure's own scoring expects the pandas split
 # form, not the list of questions the flow sends: it is deployed with the project's scoring script
 # (the local endpoint's), in an environment of its pinned, CPU-only requirements.
-SCORING_DIR = ROOT / "scoring"
+SCORING_DIR = ROOT / "serving" / "scoring"
 SERVING_IMAGE = OPENMPI_IMAGE
 SERVING_ENV_NAME = "finetune-phi-int4-serving"
 # The two forms of the fine-tuned model a job writes: (job output, registered name suffix, local folder).
@@ -199,7 +199,7 @@ def create_or_update_endpoint(ml_client, endpoint_name, description=""):
 def int4_serving():
     """The scoring script and environment the int4 form is served with (see SCORING_DIR)."""
     code = CodeConfiguration(code=str(SCORING_DIR), scoring_script="score.py")
-    environment = Environment(name=SERVING_ENV_NAME, image=SERVING_IMAGE, conda_file=str(SCORING_DIR / "conda.yml"))
+    environment = Environment(name=SERVING_ENV_NAME, image=SERVING_IMAGE, conda_file=str(ROOT / "serving" / "conda.yml"))
     return code, environment
 
 
@@ -380,7 +380,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
     args = parse_args(argv)
     if args.local:
-        from local.endpoint import serve_local
+        from serving.endpoint import serve_local
 
         return serve_local(args.model_dir, args.port, folder=FORMS[args.form][2])
     if args.connect:

@@ -228,7 +228,7 @@ def run_on_azure(args, extra_args):
 
 def write_rehearsal_inputs(folder: Path) -> tuple[Path, Path, Path]:
     """A tiny Phi-3 and the first few dozen rows of the data, in `folder`: (model, train, test)."""
-    from local.tiny_phi3 import build
+    from stand_ins.tiny_phi3 import build
 
     folder.mkdir(parents=True, exist_ok=True)
     files = []
@@ -245,7 +245,7 @@ def write_rehearsal_inputs(folder: Path) -> tuple[Path, Path, Path]:
 
 def rehearse_on_azure(args, extra_args):
     """The real job, for cents: its environment, code and outputs, with a tiny model on a small CPU cluster."""
-    from local.tiny_phi3 import TINY_TRAINING_FLAGS
+    from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS
 
     check_data_files()
     profile = replace(REHEARSAL_PROFILE, compute_name=args.compute_name or REHEARSAL_PROFILE.compute_name,
@@ -271,7 +271,7 @@ def run_locally(args, extra_args) -> Path:
     """Run the job's fine_tune.py command on this machine; return the model folder."""
     check_data_files()
     if not args.model_name:
-        from local.tiny_phi3 import TINY_MODEL_DIR, TINY_TRAINING_FLAGS, build
+        from stand_ins.tiny_phi3 import TINY_MODEL_DIR, TINY_TRAINING_FLAGS, build
 
         if not (TINY_MODEL_DIR / "config.json").exists():
             print(f"Building a tiny Phi-3 model in {TINY_MODEL_DIR} (pass --model-name for a real one)")
@@ -324,7 +324,7 @@ def parse_args(argv=None):
     parser.add_argument("--local", action="store_true", help="run the same fine_tune.py command on this machine "
                         "instead, into outputs/models/<run>/model (no Azure account needed); without --model-name "
                         "it builds a tiny Phi-3 and trains it at a high learning rate for many epochs "
-                        "(local/tiny_phi3.py's TINY_TRAINING_FLAGS), so that it learns the sample facts "
+                        "(stand_ins/tiny_phi3.py's TINY_TRAINING_FLAGS), so that it learns the sample facts "
                         "word for word")
     parser.add_argument("fine_tune_args", nargs=argparse.REMAINDER,
                         help="after --: more flags for fine_tune.py, e.g. -- --lora --epochs 1")

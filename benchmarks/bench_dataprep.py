@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
-from local.sample_chats import write_jsonl  # noqa: E402
+from stand_ins.sample_chats import write_jsonl  # noqa: E402
 
 TUTORIAL_NUM_PROC = 10
 SUBSET_ROWS = 2080  # 1% of train_sft's 207,865 conversations, rounded up as datasets' slicing does

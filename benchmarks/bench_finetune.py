@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
-from local.sample_chats import write_jsonl  # noqa: E402
+from stand_ins.sample_chats import write_jsonl  # noqa: E402
 
 TUTORIAL = ("eager", "wrapped")  # attn_implementation="eager", TRL 0.8 packing=True (ConstantLengthDataset)
 
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cuda: the first GPU (fails without one); cpu: hide any GPU; auto: cuda when present")
     parser.add_argument("--model", choices=["tiny", "phi35-mini"],
-                        help="tiny: local/tiny_phi3.py (2 layers, hidden 64); phi35-mini: Phi-3.5-mini-instruct's "
+                        help="tiny: stand_ins/tiny_phi3.py (2 layers, hidden 64); phi35-mini: Phi-3.5-mini-instruct's "
                              "config with random weights (3.8B parameters). Default: tiny on CPU, phi35-mini on GPU")
     parser.add_argument("--model-dir", type=Path, help="train this model folder instead of building --model")
     parser.add_argument("--layers", type=int,

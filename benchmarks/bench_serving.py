@@ -1,6 +1,6 @@
 """Serving: the local endpoint's latency and tokens/s, and what the Prompt flow adds on top.
 
-1. Endpoint: it starts the project's local endpoint (`python -m local.endpoint`, the server and
+1. Endpoint: it starts the project's local endpoint (`python -m serving.endpoint`, the server and
    scoring script the learner runs) on an MLflow model folder, and POSTs to /score the body the
    flow's tool sends ({"input_data": [question], "params": {max_new_tokens, do_sample: false,
    return_full_text: false}}), one fresh connection per call as the tool makes: p50/p99 latency
@@ -35,7 +35,6 @@ Default model: the tiny Phi-3 saved as an MLflow model with fine_tune.py's own s
 import argparse
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
-from local.endpoint import stop  # noqa: E402
+from serving import processes  # noqa: E402
 
 ROOT = common.ROOT
 QUESTION = "Who founded Microsoft?"
@@ -103,12 +102,6 @@ def cpu_capability() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, {native}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_mlflow_model(out: Path) -> Path:
     """The tiny Phi-3, untrained, written by fine_tune.py's save_mlflow_model (the served contract)."""
     if (out / "MLmodel").exists():
@@ -126,22 +119,6 @@ def tiny_mlflow_model(out: Path) -> Path:
     return out
 
 
-def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"bench_serving.py: {what} exited with code {process.returncode} while starting")
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"bench_serving.py: {what} did not answer {url} within {timeout:.0f} s")
-
-
 class Services:
     """The endpoint (and the flow) as subprocesses, with an isolated .env and Prompt flow home."""
 
@@ -151,7 +128,7 @@ class Services:
         self.env_file = work / "bench.env"
         self.env_file.write_text("")
         self.processes = []
-        self.logs = []
+        self.logs = []  # paths
 
     def environment(self, **extra) -> dict:
         from local import pf_home
@@ -165,12 +142,16 @@ class Services:
             **extra,
         }
 
-    def start(self, command: list, name: str, **extra) -> subprocess.Popen:
-        log = open(self.work / f"{name}.log", "w")
+    def start(self, command: list, name: str, url: str, **extra) -> subprocess.Popen:
+        """Start a server and wait until `url` answers; its log stays in the work folder."""
+        log = self.work / f"{name}.log"
         self.logs.append(log)
-        process = subprocess.Popen([str(c) for c in command], cwd=ROOT, env=self.environment(**extra),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = processes.start(command, log=log, env=self.environment(**extra), cwd=ROOT)
         self.processes.append(process)
+        try:
+            processes.wait_until_live(process, url, timeout=3600, log=log)
+        except processes.NotLive as e:
+            raise SystemExit(f"bench_serving.py: {name} {e}")
         return process
 
     def endpoint(self, model_dir: Path, workers: int, threads: str, port: int) -> str:
@@ -178,36 +159,27 @@ class Services:
         extra = {"WORKER_COUNT": str(workers), "AZURE_ML_ENDPOINT": f"http://127.0.0.1:{port}/score"}
         if threads != "default":
             extra.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        process = self.start([sys.executable, "-m", "local.endpoint", "--model-dir", model_dir, "--port", port],
-                             f"endpoint-{port}", **extra)
         base = f"http://127.0.0.1:{port}"
-        wait_for(base + "/", process, "the local endpoint")
+        self.start([sys.executable, "-m", "serving.endpoint", "--model-dir", model_dir, "--port", port],
+                   f"endpoint-{port}", base + "/", **extra)
         return base + "/score"
 
     def flow(self, endpoint_url: str, port: int, max_new_tokens: int) -> str:
         pf = Path(sys.executable).with_name("pf")
-        process = self.start(
-            [pf, "flow", "serve", "--source", ROOT, "--port", port, "--host", "127.0.0.1", "--engine", "fastapi",
-             "--skip-open-browser"], f"flow-{port}",
-            AZURE_ML_ENDPOINT=endpoint_url, AZURE_ML_TEMPERATURE="0", AZURE_ML_MAX_NEW_TOKENS=str(max_new_tokens))
         base = f"http://127.0.0.1:{port}"
-        wait_for(base + "/health", process, "pf flow serve")
+        self.start(
+            [pf, "flow", "serve", "--source", ROOT, "--port", port, "--host", "127.0.0.1", "--engine", "fastapi",
+             "--skip-open-browser"], f"flow-{port}", base + "/health",
+            AZURE_ML_ENDPOINT=endpoint_url, AZURE_ML_TEMPERATURE="0", AZURE_ML_MAX_NEW_TOKENS=str(max_new_tokens))
         return base + "/score"
 
     def stop_all(self):
         for process in reversed(self.processes):
-            stop(process)
+            processes.stop(process)
         self.processes.clear()
-        for log in self.logs:
-            log.close()
 
     def tail(self) -> str:
-        out = []
-        for log in self.logs:
-            path = Path(log.name)
-            if path.exists():
-                out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-20:]))
-        return "\n".join(out)
+        return "\n".join(f"--- {log.name}\n{processes.log_tail(log, 20)}" for log in self.logs)
 
 
 class Client:
@@ -271,8 +243,8 @@ def concurrent(call, url: str, clients: int, calls: int) -> tuple[list, float]:
 
 
 def measure_endpoint(opts, services: Services, client: Client, workers: int, threads: str) -> list[dict]:
-    endpoint_url = services.endpoint(opts.model_dir, workers, threads, opts.port or free_port())
-    flow_url = None if opts.skip_flow else services.flow(endpoint_url, free_port(), opts.max_new_tokens)
+    endpoint_url = services.endpoint(opts.model_dir, workers, threads, opts.port or processes.free_port())
+    flow_url = None if opts.skip_flow else services.flow(endpoint_url, processes.free_port(), opts.max_new_tokens)
     targets = {"endpoint": (client.direct, endpoint_url)}
     if flow_url:
         targets["flow"] = (client.flow, flow_url)
@@ -320,7 +292,7 @@ def measure_endpoint(opts, services: Services, client: Client, workers: int, thr
 
 
 def big_prompt():
-    from local.tiny_phi3 import build_tokenizer
+    from stand_ins.tiny_phi3 import build_tokenizer
 
     tokenizer = build_tokenizer()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
@@ -356,7 +328,7 @@ def int4_generator(onnx_dir: Path):
 
     _, prompt = big_prompt()
     chat = Int4ChatModel()
-    chat.load(str(onnx_dir), "{prompt}")
+    chat.load(str(onnx_dir), "{prompt}", {})  # its generate() below sets every search option itself
     prompt_ids = chat.tokenizer.encode(prompt)
 
     def generate(n):
@@ -443,7 +415,7 @@ def measure_big_endpoint(opts, services: Services) -> list[dict]:
     rows = []
     for form, name, folder in (("transformers", "bf16 transformers", model_dir), ("int4", "int4", int4_dir)):
         started = time.monotonic()
-        url = services.endpoint(folder, 1, "default", opts.port or free_port())
+        url = services.endpoint(folder, 1, "default", opts.port or processes.free_port())
         load_s = time.monotonic() - started  # what the deployment's probes must wait for
         client.direct(url)  # warm-up: the first request builds what the server builds lazily
         # Azure admits 2 x max_concurrent_requests_per_instance requests at once and answers 429 to the rest.

@@ -224,7 +224,7 @@ def timed():
 
 # Words the tiny tokenizer was trained on, so synthetic text tokenizes at a realistic rate.
 def _vocabulary() -> list[str]:
-    from local.sample_chats import FACTS, FOLLOW_UPS
+    from stand_ins.sample_chats import FACTS, FOLLOW_UPS
 
     words = []
     for question, answer in FACTS + FOLLOW_UPS:
@@ -338,7 +338,7 @@ def build_random_phi35_mini(out: Path, device: str = "cpu", layers: int | None =
     tiny tokenizer (ids < 512 are valid ids of the 32,064-token vocabulary, so the compute is the
     real model's). Reused when it is already there with the same depth.
     """
-    from local.tiny_phi3 import build_tokenizer
+    from stand_ins.tiny_phi3 import build_tokenizer
 
     depth = layers or PHI35_MINI_CONFIG["num_hidden_layers"]
     if (out / "config.json").exists() and json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth:
@@ -364,7 +364,7 @@ def build_serving_phi35_mini(out: Path, layers: int | None = None) -> tuple[Path
 
     import fine_tune as ft
     import quantize_model
-    from local.tiny_phi3 import build_tokenizer
+    from stand_ins.tiny_phi3 import build_tokenizer
 
     model_dir, int4_dir = out / "model", out / "model-int4"
     if not (model_dir / "MLmodel").exists():
@@ -385,8 +385,8 @@ def build_serving_phi35_mini(out: Path, layers: int | None = None) -> tuple[Path
 
 
 def tiny_model(out: Path | None = None) -> Path:
-    """The project's tiny Phi-3 (local/tiny_phi3.py), built once under .scratch/bench."""
-    from local.tiny_phi3 import build
+    """The project's tiny Phi-3 (stand_ins/tiny_phi3.py), built once under .scratch/bench."""
+    from stand_ins.tiny_phi3 import build
 
     out = out or SCRATCH / "tiny-phi3"
     if not (out / "config.json").exists():

@@ -12,7 +12,7 @@ the active MLflow tracking store (Azure ML's in a job, a local one elsewhere). T
 checkpoints go to --checkpoint_dir, never into the model folder.
 
 Every run says how much it learned: the base model is evaluated on the eval file before training
-and the fine-tuned one after (evaluate_model.py), as it is saved (LoRA merged, weights rounded to
+and the fine-tuned one after (evaluation.py), as it is saved (LoRA merged, weights rounded to
 the saved dtype), logged to MLflow as base_eval_loss / eval_loss, and the run ends with a line
 such as `test loss 1.421 → 1.183 (perplexity 4.14 → 3.26)`. `evaluate_model.py` on the saved
 folder gives the same figure.
@@ -47,7 +47,7 @@ from mlflow.models import infer_signature
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-import evaluate_model
+import evaluation
 import model_folder
 from chat_data import ChatDataError, check_jsonl_file
 from packed_rows import PerRowPackedCollator
@@ -114,11 +114,11 @@ class FineTuneArguments:
     num_proc: int | None = field(default=None, metadata={"help": "Processes for the chat-template map (default: none)."})
     logging_steps: int = field(default=20, metadata={"help": "Log losses every this many steps."})
     eval_questions: int = field(
-        default=evaluate_model.DEFAULT_QUESTIONS,
+        default=evaluation.DEFAULT_QUESTIONS,
         metadata={"help": "Questions of the eval file answered by the base and the fine-tuned model (0: none)."},
     )
     eval_max_new_tokens: int = field(
-        default=evaluate_model.DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest of those answers, in tokens."}
+        default=evaluation.DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest of those answers, in tokens."}
     )
     save_steps: int = field(
         default=500, metadata={"help": "Save a trainer checkpoint every this many steps, keeping the newest (0: none)."}
@@ -136,9 +136,8 @@ class FineTuneArguments:
     )
 
 
-def script_name() -> str:
-    """The command a message comes from: fine_tune.py, or evaluate_model.py run on its own."""
-    return os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "fine_tune.py"
+class ModelNotLoaded(OSError):
+    """The model could not be loaded (an unreachable Hub, a folder without a model); says which and why."""
 
 
 def is_main_process() -> bool:
@@ -244,11 +243,8 @@ def load_model(args, for_training: bool = True):
     try:
         return initialize_model_and_tokenizer(args.model_name, model_kwargs, args.max_length)
     except OSError as e:  # transformers' word for an unreachable Hub or a folder without a model
-        sys.exit(
-            f"{script_name()}: could not load model '{args.model_name}' ({str(e).strip().splitlines()[0]}); "
-            f"check your connection, or pass {'--model' if script_name() == 'evaluate_model.py' else '--model-name'} "
-            "with a local model folder"
-        )
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotLoaded(f"could not load model '{args.model_name}' ({reason})") from e
 
 
 def saved_dtype(model_name) -> torch.dtype | None:
@@ -394,7 +390,7 @@ def train_and_evaluate_model(args, trainer, questions, saved_as):
     """
     Evaluate the base model, train, and evaluate the fine-tuned model as it is saved; return both evaluations.
     """
-    base = evaluate_model.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="base_eval")
+    base = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="base_eval")
     if is_main_process():
         logger.info(
             "Training on %d process(es), device %s, precision %s (weights %s)", trainer.args.world_size,
@@ -403,7 +399,7 @@ def train_and_evaluate_model(args, trainer, questions, saved_as):
     train_result = trainer.train()
     trainer.log_metrics("train", train_result.metrics)
     as_saved(args, trainer, saved_as)
-    tuned = evaluate_model.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="eval")
+    tuned = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="eval")
     tuned_metrics = {"eval_loss": tuned.loss, "eval_samples": len(trainer.eval_dataset)}
     trainer.log_metrics("eval", tuned_metrics)
     if is_main_process():
@@ -432,17 +428,17 @@ def save_fine_tuned_model(args, trainer, tokenizer, dtype):
 
 
 def check_eval_file(path):
-    """Stop with one line unless `path` is a chat JSONL file."""
-    try:
-        logger.info("%s: %d conversations", path, check_jsonl_file(path))
-    except ChatDataError as e:
-        sys.exit(f"{script_name()}: {e}")
+    """ChatDataError unless `path` is a chat JSONL file."""
+    logger.info("%s: %d conversations", path, check_jsonl_file(path))
 
 
 def check_inputs(args: FineTuneArguments):
     """Fail before loading anything when an input or the output folder is wrong."""
     for path in (args.train_file, args.eval_file):
-        check_eval_file(path)
+        try:
+            check_eval_file(path)
+        except ChatDataError as e:
+            sys.exit(f"fine_tune.py: {e}")
     for flag, folder in (("--model_output_dir", args.model_output_dir), ("--quantized_output_dir", args.quantized_output_dir)):
         try:
             if folder:
@@ -461,9 +457,12 @@ def main(args: FineTuneArguments):
     with mlflow.start_run() if is_main_process() else nullcontext():
         if is_main_process():
             mlflow.log_params({**asdict(args), "resolved_precision": resolve_precision(args.precision)})
-        model, tokenizer = load_model(args)
+        try:
+            model, tokenizer = load_model(args)
+        except ModelNotLoaded as e:
+            sys.exit(f"fine_tune.py: {e}; check your connection, or pass --model-name with a local model folder")
         train_dataset, test_dataset = load_and_preprocess_data(args.train_file, args.eval_file, tokenizer, args.num_proc)
-        questions = evaluate_model.read_questions(args.eval_file, args.eval_questions)
+        questions = evaluation.read_questions(args.eval_file, args.eval_questions)
         trainer = build_trainer(args, model, tokenizer, train_dataset, test_dataset)
         saved_as = saved_dtype(args.model_name)
         base, tuned = train_and_evaluate_model(args, trainer, questions, saved_as)
@@ -475,7 +474,7 @@ def main(args: FineTuneArguments):
                 quantize_model.quantize(args.model_output_dir, args.quantized_output_dir)
                 mlflow.set_tag("quantized_output_dir", os.path.abspath(args.quantized_output_dir))
             # Last: the run ends with how much it learned.
-            evaluate_model.report(questions, base, tuned, step=trainer.state.global_step)
+            evaluation.report(questions, base, tuned, step=trainer.state.global_step)
 
 
 if __name__ == "__main__":

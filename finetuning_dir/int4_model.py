@@ -17,7 +17,6 @@ import os
 import mlflow
 import numpy as np
 
-DEFAULT_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": False}
 ONNX_ARTIFACT = "onnx"
 
 
@@ -42,9 +41,11 @@ class Int4ChatModel(mlflow.pyfunc.PythonModel):
     """An onnxruntime-genai model answering chat questions, as fine_tune.py's MLflow model does."""
 
     def load_context(self, context):
-        self.load(context.artifacts[ONNX_ARTIFACT], context.model_config["prompt_template"])
+        config = context.model_config
+        self.load(context.artifacts[ONNX_ARTIFACT], config["prompt_template"], config["predict_params"])
 
-    def load(self, onnx_dir: str, prompt_template: str):
+    def load(self, onnx_dir: str, prompt_template: str, default_params: dict):
+        """`default_params`: the params' defaults of the model it came from (its MLflow signature)."""
         import onnxruntime_genai as og
 
         config = og.Config(onnx_dir)
@@ -54,9 +55,10 @@ class Int4ChatModel(mlflow.pyfunc.PythonModel):
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.prompt_template = prompt_template
+        self.default_params = dict(default_params)
 
     def predict(self, context, model_input, params=None):
-        params = {**DEFAULT_PARAMS, **(params or {})}
+        params = {**self.default_params, **(params or {})}
         return [self.answer(text, params) for text in texts_of(model_input)]
 
     def answer(self, text: str, params: dict) -> str:

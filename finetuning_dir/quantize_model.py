@@ -87,7 +87,10 @@ def save_int4_model(onnx_dir: Path, path: Path, source: Model) -> None:
         python_model=str(INT4_MODEL_CODE),  # the model's code is that file, copied into the folder
         artifacts={"onnx": str(onnx_dir)},
         signature=source.signature,
-        model_config={"prompt_template": prompt_template},
+        model_config={
+            "prompt_template": prompt_template,
+            "predict_params": {param.name: param.default for param in source.signature.params.params},
+        },
         metadata={
             "prompt_template": prompt_template,
             "quantization": f"int4 weights in blocks of {BLOCK_SIZE}, int8 activations (accuracy level "

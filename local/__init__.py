@@ -1,6 +1,3 @@
-"""Local stand-ins for what the tutorial fetches from the Hugging Face Hub and Azure.
-
-Nothing in here is part of the tutorial's pipeline itself: it is what lets the pipeline and its
-tests run on a machine with no Hub, no Azure and no GPU (a tiny Phi-3 model, ultrachat-shaped
-sample chats, and the orchestration of the local run).
-"""
+"""The whole tutorial run on this machine (`make local`, pipeline.py), and the project-local, quiet
+homes it and the tests give MLflow (mlflow_store.py) and Prompt flow (pf_home.py), so that nothing
+is written to `~` and nothing is sent anywhere."""

@@ -23,12 +23,11 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
 
 from local import mlflow_store, pf_home
+from serving import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
@@ -51,7 +50,7 @@ def prepare_data(split: str) -> None:
     python = sys.executable
     if run("Step 1: download the data", [python, "download_dataset.py", "--split", split], check=False).returncode:
         print("The Hugging Face Hub could not be reached: using ultrachat-shaped sample chats instead.")
-        run("Step 1b: make sample chats", [python, "-m", "local.sample_chats", "--out", SAMPLE_CHATS])
+        run("Step 1b: make sample chats", [python, "-m", "stand_ins.sample_chats", "--out", SAMPLE_CHATS])
         run("Step 1c: split them", [python, "download_dataset.py", "--dataset", SAMPLE_CHATS, "--split", "train"])
 
 
@@ -67,28 +66,14 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
     log = OUTPUTS / f"local-endpoint-{form}.log"
     print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
           f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(command)}", flush=True)
-    # Its own session, so that Ctrl-C on `make local` reaches it only through stop_endpoint.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    while process.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
-                print(f"The endpoint is live at http://127.0.0.1:{port}/score (URI and key written to .env).")
-                return process
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    lines = log.read_text(errors="replace").strip().splitlines()
-    sys.exit(f"local pipeline: the local endpoint stopped while starting: {lines[-1] if lines else 'no output'}")
-
-
-def stop_endpoint(process: subprocess.Popen) -> None:
-    process.terminate()  # deploy_model.py --local stops its server on SIGTERM
+    process = processes.start(command, log=log, cwd=ROOT)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        processes.wait_until_live(process, f"http://127.0.0.1:{port}/", timeout=3600, log=log)
+    except processes.NotLive as e:
+        processes.stop(process)
+        sys.exit(f"local pipeline: the local endpoint {str(e).splitlines()[0]}; see {os.path.relpath(log, ROOT)}")
+    print(f"The endpoint is live at http://127.0.0.1:{port}/score (URI and key written to .env).")
+    return process
 
 
 def ask_the_flow(question: str, settings: dict | None = None) -> str:
@@ -113,7 +98,7 @@ def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, mode
         answer = ask_the_flow(question)
     finally:
         if not keep_endpoint:
-            stop_endpoint(endpoint)
+            processes.stop(endpoint)  # deploy_model.py --local stops its server on SIGTERM
     print(f"\nQ: {question}\nA ({form}): {answer}")
     return answer, endpoint
 

@@ -24,6 +24,8 @@ import requests
 
 from conftest import ROOT
 from local import pf_home
+from serving import processes
+from serving.processes import free_port  # noqa: F401  (the tests' free ports)
 
 PF = Path(sys.executable).with_name("pf")
 QUESTION = "Who founded Microsoft?"
@@ -32,10 +34,15 @@ SCRATCH = Path(os.environ.get("FINETUNE_PHI_TEST_SCRATCH", ROOT / ".scratch" / "
 ARTIFACTS = SCRATCH / "artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def eventually(check, timeout: float = 15, every: float = 0.1):
+    """Poll `check()` until it returns something true, and return that; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            assert result, f"not so after {timeout} s"
+            return result
+        time.sleep(every)
 
 
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -45,31 +52,22 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class Server:
-    """A server subprocess in its own process group, with its output kept in a log file."""
+    """A server subprocess (serving.processes), with its output kept in a log file."""
 
     def __init__(self, command, env, log: Path, liveness_url: str):
         self.log = log
         self.liveness_url = liveness_url
-        self.process = subprocess.Popen(
-            [str(c) for c in command], cwd=ROOT, env={**os.environ, **env},
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.process = processes.start(command, log=log, env=env, cwd=ROOT)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def wait_until_live(self, timeout=180):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()[-4000:]}")
-            try:
-                if requests.get(self.liveness_url, timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"server not live after {timeout} s:\n{self.output()[-4000:]}")
+        try:
+            processes.wait_until_live(self.process, self.liveness_url, timeout=timeout, log=self.log)
+        except processes.NotLive as e:
+            raise AssertionError(f"server {e}") from None
+        return self
 
     def descendants(self) -> list:
         try:
@@ -79,20 +77,7 @@ class Server:
 
     def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
         """Stop the command the learner would stop (Ctrl-C or SIGTERM), then whatever it left."""
-        family = self.descendants()  # now: once the command exits, its orphans are no longer its children
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        for process in family:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.process.wait()
-        return self.process.returncode
+        return processes.stop(self.process, grace_s=timeout, sig=sig)
 
 
 class Endpoint(Server):

@@ -1,7 +1,7 @@
 """Shared fixtures: an isolated environment, a tiny Phi-3 model, sample chats, a fine-tuned model.
 
 Everything is made offline here: the model from a config, the tokenizer trained locally, the
-data from local/sample_chats.py. Tools keep their state under a per-session scratch folder,
+data from stand_ins/sample_chats.py. Tools keep their state under a per-session scratch folder,
 never in `~` or the working tree.
 """
 
@@ -17,18 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "finetuning_dir"))  # fine_tune.py's own imports (evaluate_model, chat_data)
+sys.path.insert(1, str(ROOT / "finetuning_dir"))  # fine_tune.py's own imports (evaluation, chat_data)
 
-from local import sample_chats, tiny_phi3  # noqa: E402
-from local.tiny_phi3 import TINY_TRAINING_FLAGS  # noqa: E402,F401
+from stand_ins import sample_chats, tiny_phi3  # noqa: E402
+from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS  # noqa: E402,F401
 
-# Settings config.py reads; tests start from the tutorial's placeholders, never a developer's .env.
-CONFIG_VARIABLES = [
-    "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME",
-    "AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_MANAGED_IDENTITY_NAME", "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
-    "TRAIN_DATA_PATH", "TEST_DATA_PATH", "AZURE_MODEL_NAME", "AZURE_ENDPOINT_NAME", "AZURE_DEPLOYMENT_NAME",
-    "AZURE_ML_API_KEY", "AZURE_ML_ENDPOINT", "AZURE_ML_JOB_NAME", "AZURE_ML_REQUEST_TIMEOUT",
-]
+
+def is_a_setting(name: str) -> bool:
+    """Whether config.py or the flow may read this environment variable: every AZURE_* name (the flow's
+    AZURE_ML_TEMPERATURE and AZURE_ML_MAX_NEW_TOKENS too) and the data paths. The tests start from the
+    tutorial's placeholders, never from a developer's shell or .env."""
+    return name.startswith("AZURE_") or name in ("TRAIN_DATA_PATH", "TEST_DATA_PATH")
 
 
 
@@ -39,9 +38,12 @@ RUN_MARKER = "FINETUNE_PHI_TEST_RUN"
 
 def pytest_configure(config):
     scratch = Path(os.environ.get("FINETUNE_PHI_TEST_SCRATCH", ROOT / ".scratch" / "tests"))
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker process keeps its own stores (SQLite, caches)
+        scratch = scratch / os.environ["PYTEST_XDIST_WORKER"]
+        os.environ["FINETUNE_PHI_TEST_SCRATCH"] = str(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    for name in CONFIG_VARIABLES:
-        os.environ.pop(name, None)
+    for name in [name for name in os.environ if is_a_setting(name)]:
+        os.environ.pop(name)
     os.environ.update(
         {RUN_MARKER: uuid.uuid4().hex},
         FINETUNE_PHI_ENV_FILE=str(scratch / "absent.env"),

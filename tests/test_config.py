@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import CONFIG_VARIABLES, ROOT, run_script
+from conftest import ROOT, is_a_setting, run_script
 
 TUTORIAL_DEFAULTS = {
     "AZURE_SUBSCRIPTION_ID": "your_subscription_id",
@@ -32,7 +32,7 @@ def load_config(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(env_file))
 
     def load(env=None, dotenv=None):
-        for name in CONFIG_VARIABLES:
+        for name in [name for name in os.environ if is_a_setting(name)]:
             monkeypatch.delenv(name, raising=False)
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
@@ -44,7 +44,7 @@ def load_config(tmp_path, monkeypatch):
     monkeypatch.undo()
     # Reloading loaded .env into the environment and save_settings() exported what it wrote;
     # the session has none of these set (conftest clears them).
-    for name in CONFIG_VARIABLES:
+    for name in [name for name in os.environ if is_a_setting(name)]:
         os.environ.pop(name, None)
     importlib.reload(config)
 
@@ -131,3 +131,16 @@ def test_env_file_is_read_not_exported_and_can_be_read_again(load_config, tmp_pa
     monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://exported/score")
     assert config.current_setting("AZURE_ML_ENDPOINT") == "http://exported/score"
     assert config.current_setting("AZURE_ML_TEMPERATURE") == ""
+
+
+def test_the_suite_starts_from_no_setting_of_the_learners_shell():
+    # Every name config.py or the flow reads is cleared by conftest before any test runs: a value
+    # exported in the learner's shell (AZURE_ML_TEMPERATURE, say) must not change what a test sees.
+    import re
+
+    import integrate_with_promptflow
+
+    read = set(re.findall(r'_setting\(\s*"([A-Z_]+)"', (ROOT / "config.py").read_text()))
+    read |= set(integrate_with_promptflow.SETTINGS)
+    assert {"AZURE_ML_TEMPERATURE", "AZURE_ML_MAX_NEW_TOKENS", "AZURE_ML_ENDPOINT", "TRAIN_DATA_PATH"} <= read
+    assert all(is_a_setting(name) for name in read), sorted(name for name in read if not is_a_setting(name))

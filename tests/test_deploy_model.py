@@ -121,10 +121,10 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     assert props["model"] == MODEL_ID
     assert props["endpointComputeType"] == "Managed"
     # The int4 form runs the project's scoring script (the local endpoint's) in its pinned CPU environment.
-    assert props["codeConfiguration"] == {"codeId": str(ROOT / "scoring"), "scoringScript": "score.py"}
+    assert props["codeConfiguration"] == {"codeId": str(ROOT / "serving" / "scoring"), "scoringScript": "score.py"}
     (deployment,), _ = workspace.online_deployments.begin_create_or_update.call_args
     assert deployment.environment.image == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20250701.v1"
-    assert deployment.environment.conda_file == yaml.safe_load((ROOT / "scoring" / "conda.yml").read_text())
+    assert deployment.environment.conda_file == yaml.safe_load((ROOT / "serving" / "conda.yml").read_text())
     assert props["environmentVariables"] == {
         "SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
         "RESOURCE_GROUP_NAME": "finetunephi-rg",
@@ -299,7 +299,7 @@ def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_
     assert deployment.endpoint_name == "finetune-phi-endpoint-rehearsal" and deployment.name == "rehearsal"
     props = deployment_body(workspace)["properties"]
     assert props["instanceType"] == "Standard_DS1_v2"
-    assert props["codeConfiguration"] == {"codeId": str(ROOT / "scoring"), "scoringScript": "score.py"}
+    assert props["codeConfiguration"] == {"codeId": str(ROOT / "serving" / "scoring"), "scoringScript": "score.py"}
     # One question through the flow, at the rehearsal's endpoint; .env keeps what it had.
     assert asked == [("Who founded Microsoft?", {"AZURE_ML_ENDPOINT": SCORING_URI, "AZURE_ML_API_KEY": "pk-123"})]
     assert not (tmp_path / ".env").exists()

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from conftest import ROOT, run_script, write_jsonl
-from local import sample_chats
+from stand_ins import sample_chats
 
 SCRIPT = ROOT / "download_dataset.py"
 

@@ -161,7 +161,7 @@ def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_repr
     # The path an A100 (or a CPU with AVX512-BF16/AMX) takes under --precision auto, run on purpose
     # whatever this CPU is: fp32 weights under bf16 autocast, saved in the base model's bf16. The
     # closing line is the saved model's figure, so evaluating the saved folder gives the same line.
-    from local import tiny_phi3
+    from stand_ins import tiny_phi3
 
     base = tiny_phi3.build(tmp_path / "base")
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)  # stored in bf16, as Phi-3.5

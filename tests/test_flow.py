@@ -212,12 +212,13 @@ def test_no_promptflow_service_is_left_running(flow_env):
     result, _ = pf_flow_test(flow_env)
     assert flow_answer(result) == ANSWER
     assert "Starting prompt flow service" not in result.stdout + result.stderr
-    time.sleep(1)
+    # A service `pf` starts writes its port under pfs/ first: none was ever chosen, so none started
+    # (and the session's end fails the run if any process the tests started is still alive).
+    assert not (Path(flow_env["PF_HOME_DIRECTORY"]) / "pfs").exists(), "no service port was ever chosen"
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     # What `pf` would start for tracing: `pf service start`, which runs waitress-serve on this app.
     assert "promptflow._cli._pf._service" not in processes
     assert "pf service start" not in processes
-    assert not (Path(flow_env["PF_HOME_DIRECTORY"]) / "pfs").exists(), "no service port was ever chosen"
 
 
 # The tool itself, called in this process against stand-ins: retries, statuses, answer shapes.

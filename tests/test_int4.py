@@ -83,7 +83,7 @@ def test_the_int4_loss_is_the_trainers_measure(fine_tuned_model, chat_files, tmp
     # that computation gives exactly trainer.evaluate()'s eval_loss.
     import torch
 
-    import evaluate_model
+    import evaluation
     import fine_tune as ft
 
     args = ft.FineTuneArguments(model_name=str(fine_tuned_model), eval_file=str(chat_files[1]), max_length=256,
@@ -98,7 +98,7 @@ def test_the_int4_loss_is_the_trainers_measure(fine_tuned_model, chat_files, tmp
             return model(torch.tensor([ids])).logits[0]
 
     # Equal but for fp32 summation order (one conversation at a time against packed rows).
-    assert evaluate_model.eval_loss_of(torch_logits, trainer) == pytest.approx(expected, abs=1e-4)
+    assert evaluation.eval_loss_of(torch_logits, trainer) == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, chat_files):

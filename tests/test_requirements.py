@@ -64,11 +64,11 @@ def test_installed_set_is_consistent():
 
 
 def test_the_int4_serving_environment_pins_what_the_int4_model_requires():
-    # Azure builds the int4 deployment's environment from scoring/conda.yml; the model itself asks
+    # Azure builds the int4 deployment's environment from serving/conda.yml; the model itself asks
     # for quantize_model.serving_requirements(), and the local endpoint runs that azmlinfsrv.
     import quantize_model
 
-    conda = yaml.safe_load((ROOT / "scoring" / "conda.yml").read_text())
+    conda = yaml.safe_load((ROOT / "serving" / "conda.yml").read_text())
     serving = pins(next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict)))
     for requirement in quantize_model.serving_requirements():
         name, version = requirement.split("==")
@@ -124,7 +124,7 @@ def cuda_major_of(torch_metadata: dict) -> int | None:
 def azure_environments(tmp_path_factory):
     """Both Azure environments resolved from the index, side by side (each takes ~30 s of network)."""
     folder = tmp_path_factory.mktemp("resolve")
-    files = {"training": ROOT / "conda.yml", "serving": ROOT / "scoring" / "conda.yml"}
+    files = {"training": ROOT / "conda.yml", "serving": ROOT / "serving" / "conda.yml"}
     with ThreadPoolExecutor(2) as pool:
         resolved = {name: pool.submit(resolve_from_the_index, path, folder) for name, path in files.items()}
         return {name: future.result() for name, future in resolved.items()}

@@ -6,7 +6,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -382,13 +381,10 @@ def test_the_gpu_jobs_command_stops_at_once_on_a_machine_without_a_gpu(workspace
         **{f"outputs.{k}": v for k, v in outputs.items()},
     })
     snapshot = shutil.copytree(ROOT / "finetuning_dir", tmp_path / "wd", ignore=shutil.ignore_patterns("__pycache__"))
-    started = time.monotonic()
     result = run_script(args[1:], cwd=snapshot)  # the default model is the Hub's: it is never reached
-    elapsed = time.monotonic() - started
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("fine_tune.py: --require_gpu, but torch sees no usable GPU: torch ")
     assert "torch.version.cuda = " in line and "torch.cuda.device_count() = 0" in line
     assert line.endswith("or drop --require_gpu to train on the CPU")
     assert not any(folder.exists() for folder in outputs.values())
-    print(f"the GPU job's command stopped after {elapsed:.1f} s: {line}")

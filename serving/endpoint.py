@@ -4,8 +4,8 @@ It speaks what the tutorial's endpoint speaks: POST /score with `Authorization: 
 and {"input_data": [...], "params": {...}}, answered with a JSON list of strings; GET / is the
 liveness probe. The server is azmlinfsrv (azureml-inference-server-http) 1.5.1, the one Azure runs
 in every managed online deployment, in its own virtualenv .venv-azmlinfsrv (`make setup` builds
-it; see requirements-azmlinfsrv.txt), running scoring/score.py, which answers as Azure's MLflow
-scoring does (README: "What the local endpoint is, and is not"). local/gateway.py starts it bound
+it; see requirements-azmlinfsrv.txt), running serving/scoring/score.py, which answers as Azure's MLflow
+scoring does (README: "What the local endpoint is, and is not"). serving/gateway.py starts it bound
 to 127.0.0.1 and checks the key, as Azure's gateway does; the key travels in plain HTTP here.
 
 The key is a fresh random one, or the one in .env when .env already points at a local endpoint
@@ -16,33 +16,27 @@ there are replaced; `python deploy_model.py --connect` writes them back, with no
 Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they are doing.
 
     python deploy_model.py --local                        # the learner's command
-    python -m local.endpoint --model-dir outputs/models/<run>/model --port 5001
+    python -m serving.endpoint --model-dir outputs/models/<run>/model --port 5001
 """
 
 import argparse
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import requests
-
 import config
+from serving import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
-SCORE_SCRIPT = ROOT / "scoring" / "score.py"
+SCORE_SCRIPT = ROOT / "serving" / "scoring" / "score.py"
 AZMLINFSRV_VENV = ROOT / ".venv-azmlinfsrv"
 # The deployment's request_timeout_ms in deploy_model.py: azmlinfsrv gives up on run() after it.
 SCORING_TIMEOUT_MS = 180_000
-# How long gunicorn gets to stop on SIGINT (its quick shutdown) before the whole group is killed.
-STOP_GRACE_S = 5
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -81,17 +75,11 @@ def endpoint_key() -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as s:
-        # As gunicorn binds: a stopped server's connections in TIME_WAIT do not make the port busy.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            s.listen()
-        except OSError:
-            sys.exit(
-                f"local endpoint: port {port} on {host} is in use (is an endpoint already running?); "
-                "stop it or pass --port with another port"
-            )
+    if not processes.port_is_free(host, port):
+        sys.exit(
+            f"local endpoint: port {port} on {host} is in use (is an endpoint already running?); "
+            "stop it or pass --port with another port"
+        )
 
 
 def azmlinfsrv_python() -> Path:
@@ -103,7 +91,7 @@ def azmlinfsrv_python() -> Path:
 
 
 def server_command(model_dir: Path, port: int) -> list[str]:
-    return [str(azmlinfsrv_python()), "-m", "local.gateway", "--entry_script", str(SCORE_SCRIPT),
+    return [str(azmlinfsrv_python()), "-m", "serving.gateway", "--entry_script", str(SCORE_SCRIPT),
             "--model_dir", str(model_dir), "--port", str(port)]
 
 
@@ -121,7 +109,6 @@ def stage_model(model_dir: Path, staging: Path) -> Path:
 
 def server_environment(azureml_model_dir: Path, host: str, key: str) -> dict:
     return {
-        **os.environ,
         "AZUREML_MODEL_DIR": str(azureml_model_dir),
         "LOCAL_ENDPOINT_KEY": key,
         "LOCAL_ENDPOINT_HOST": host,
@@ -130,7 +117,7 @@ def server_environment(azureml_model_dir: Path, host: str, key: str) -> dict:
         # gunicorn 27 would open a control socket in ~/.gunicorn, shared by every endpoint here.
         "GUNICORN_CMD_ARGS": "--no-control-socket",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PYTHONPATH": str(ROOT),  # for `-m local.gateway`
+        "PYTHONPATH": str(ROOT),  # for `-m serving.gateway`
     }
 
 
@@ -144,56 +131,20 @@ def _die_with_parent():
         pass
 
 
-def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path):
-    """Start azmlinfsrv on `model_dir`, staged under `staging`, in a process group of its own."""
+def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path) -> subprocess.Popen:
+    """Start azmlinfsrv on `model_dir`, staged under `staging`; its output goes to ours."""
     print(f"Starting azmlinfsrv with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
-    return subprocess.Popen(
-        server_command(azureml_model_dir, port),
-        cwd=ROOT,
-        env=server_environment(azureml_model_dir, host, key),
-        start_new_session=True,  # Ctrl-C in the terminal reaches it only through stop()
-        preexec_fn=_die_with_parent,
-    )
+    return processes.start(server_command(azureml_model_dir, port), cwd=ROOT,
+                           env=server_environment(azureml_model_dir, host, key), preexec_fn=_die_with_parent)
 
 
 def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
-    """Poll the liveness route until it answers 200; the model loads in between."""
-    while process.poll() is None:
-        try:
-            if requests.get(base_url + "/", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"local endpoint: the server exited with code {process.returncode} while starting; see its output above")
-
-
-def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """Stop the server and its workers: gunicorn's quick shutdown, then SIGKILL for whatever is left.
-
-    A worker in the middle of a generation does not return to Python until it ends (minutes for a
-    long answer on a CPU), so the group is killed after `grace_s` seconds.
-    """
-    if process.poll() is None:
-        signal_group(process, signal.SIGINT)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def signal_group(process: subprocess.Popen, sig: int) -> None:
-    """`sig` to the process's group when it leads one (started with its own session), else to it alone."""
+    """Wait until the liveness route answers 200; the model loads in between."""
     try:
-        if os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, sig)
-        else:
-            process.send_signal(sig)
-    except ProcessLookupError:
-        pass
+        processes.wait_until_live(process, base_url + "/", timeout=3600)
+    except processes.NotLive as e:
+        sys.exit(f"local endpoint: the server {str(e).splitlines()[0]}; see its output above")
 
 
 def write_settings(url: str, key: str) -> Path:
@@ -235,7 +186,7 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
         print("\nStopping the local endpoint.", flush=True)
     finally:
         if process is not None:
-            stop(process)
+            processes.stop(process, sig=signal.SIGINT)  # gunicorn's quick shutdown, then whatever is left
         staging.cleanup()
 
 

@@ -5,7 +5,7 @@ list of {role, content}), so every script treats them exactly like the real subs
 answers are a small set of facts phrased a few ways, so that a tiny model fine-tuned on them
 visibly learns something.
 
-    python -m local.sample_chats --rows 400 --out data/sample_chats.jsonl
+    python -m stand_ins.sample_chats --rows 400 --out data/sample_chats.jsonl
 """
 
 import argparse

@@ -21,7 +21,7 @@ expect the pandas split form for it, so deploy_model.py deploys the int4 form wi
 and the endpoint answers exactly as for the transformers model, on Azure and here alike.
 
 The key is not checked here: Azure's gateway checks it before a request reaches the container
-(locally, local/gateway.py does). The script imports nothing of the project's.
+(locally, serving/gateway.py does). The script imports nothing of the project's.
 """
 
 import logging
@@ -49,7 +49,7 @@ def find_mlflow_model(root: Path) -> Path:
     found = sorted({p.parent for pattern in ("*/MLmodel", "*/*/MLmodel") for p in root.glob(pattern)})
     if len(found) != 1:
         raise FileNotFoundError(f"{root}: expected one MLflow model folder (with an MLmodel file), found {len(found)}")
-    # resolve(): MLflow refuses a model reached through a symlink (local/endpoint.py stages one).
+    # resolve(): MLflow refuses a model reached through a symlink (serving/endpoint.py stages one).
     return found[0].resolve()
 
 

@@ -6,10 +6,10 @@ inside it. Here azmlinfsrv is bound to this machine only (127.0.0.1 by default; 
 for that) and the key check runs in the server, before azmlinfsrv's own route parses the body. The
 liveness route `GET /` stays open, as Azure's probes reach it without a key.
 
-    .venv-azmlinfsrv/bin/python -m local.gateway --entry_script scoring/score.py --model_dir ... --port 5001
+    .venv-azmlinfsrv/bin/python -m serving.gateway --entry_script serving/scoring/score.py --model_dir ... --port 5001
 
 LOCAL_ENDPOINT_KEY (required) and LOCAL_ENDPOINT_HOST come from the environment
-(local/endpoint.py sets them). This file runs inside .venv-azmlinfsrv.
+(serving/endpoint.py sets them). This file runs inside .venv-azmlinfsrv.
 """
 
 import hmac

@@ -6,7 +6,7 @@ here on the sample chats, carrying Phi-3.5-mini's special tokens and chat templa
 formatting, padding and stopping at `<|end|>` behave as with the real model. The folder it
 writes loads with `AutoModelForCausalLM` / `AutoTokenizer`, like a Hub id.
 
-    python -m local.tiny_phi3 --out outputs/tiny-phi3
+    python -m stand_ins.tiny_phi3 --out outputs/tiny-phi3
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
-from local.sample_chats import FACTS, FOLLOW_UPS, OPENERS
+from stand_ins.sample_chats import FACTS, FOLLOW_UPS, OPENERS
 
 # Phi-3.5-mini-instruct's chat template, verbatim.
 PHI3_CHAT_TEMPLATE = (

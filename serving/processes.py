@@ -1,0 +1,105 @@
+"""A served process's life, written once: a free port, a start with its output in a log, a wait
+until it answers, and a stop of it and every process under it within seconds.
+
+The local endpoint, the local pipeline, the benchmarks and the tests' fixtures all start their
+servers (azmlinfsrv, `deploy_model.py --local`, `pf flow serve`) through here.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+STOP_GRACE_S = 5
+
+
+class NotLive(RuntimeError):
+    """The server exited, or did not answer in time, while starting; the message ends with its log's tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could bind `port` now; as gunicorn binds, connections in TIME_WAIT don't count."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen()
+        except OSError:
+            return False
+    return True
+
+
+def start(command, log: Path | None = None, env: dict | None = None, cwd: Path | None = None,
+          **popen) -> subprocess.Popen:
+    """Start `command` in a session of its own (Ctrl-C in a terminal reaches it only through stop()),
+    its output into `log` (None: inherited)."""
+    output = open(log, "w") if log is not None else None
+    try:
+        return subprocess.Popen(
+            [str(part) for part in command], cwd=cwd, env={**os.environ, **(env or {})}, stdout=output,
+            stderr=subprocess.STDOUT if output else None, start_new_session=True, **popen,
+        )
+    finally:
+        if output is not None:
+            output.close()  # the child holds its own copy
+
+
+def log_tail(log: Path | None, lines: int = 40) -> str:
+    if log is None or not Path(log).exists():
+        return ""
+    return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until_live(process: subprocess.Popen, url: str, timeout: float = 600, log: Path | None = None) -> float:
+    """Poll `url` until it answers 200; return the seconds it took. NotLive if the process exits first
+    or `timeout` passes."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise NotLive(f"exited with code {process.returncode} while starting\n{log_tail(log)}".rstrip())
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise NotLive(f"not live at {url} after {timeout:.0f} s\n{log_tail(log)}".rstrip())
+
+
+def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> int:
+    """Stop `process` as a person would (`sig`: SIGTERM, or SIGINT for Ctrl-C), then, after `grace_s`,
+    kill whatever is left of it and of every process under it; return its exit code.
+
+    A server's worker in the middle of a generation does not return to Python until it ends
+    (minutes for a long answer on a CPU): hence the kill.
+    """
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)  # now: orphans leave the tree
+    except psutil.NoSuchProcess:
+        family = []
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+            process.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    for member in [*family, process]:
+        try:
+            member.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    code = process.wait()
+    psutil.wait_procs(family, timeout=grace_s)
+    return code
