@@ -22,10 +22,8 @@ model_folder.py says, never by replacing the folder. On a GPU cluster the job pa
 --require_gpu, so a torch that cannot see the GPU stops the job at once instead of training on
 the CPU for days.
 
-Precision: full fine-tuning keeps fp32 weights and runs the matmuls in bf16 (autocast) where the
-device computes bf16 natively. The tutorial's bf16 weights lose AdamW's small steps: at lr 5e-6 an
-update is below half a bf16 step for any weight above ~1e-3 and rounds away. The model is saved in
-the base model's own dtype (bf16 for Phi-3.5-mini).
+Precision: fp32 weights, bf16 matmuls where bf16 is native; saved in the base model's dtype
+(--precision; why: docs/fixes.md).
 
     python finetuning_dir/fine_tune.py --train-file data/train_data.jsonl \\
         --eval-file data/test_data.jsonl --model_output_dir outputs/model
