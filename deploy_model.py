@@ -61,6 +61,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import config
 from ml_client import OPENMPI_IMAGE, get_ml_client
+from serving import REQUEST_TIMEOUT_MS
 
 ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
@@ -80,7 +81,6 @@ PROGRESS_EVERY_S = 30
 # Machine Learning online endpoints and batch endpoints"): begin with a letter, 3-32 characters, letters
 # and numbers, single dashes accepted.
 ENDPOINT_NAME = re.compile(r"[A-Za-z](?!.*--)[A-Za-z0-9-]{2,31}")
-REQUEST_TIMEOUT_MS = 180_000  # Azure's maximum
 PROBE_PERIOD_S = 10
 
 

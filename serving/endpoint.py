@@ -29,14 +29,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import config
-from serving import processes
+from serving import REQUEST_TIMEOUT_MS, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
 SCORE_SCRIPT = ROOT / "serving" / "scoring" / "score.py"
 AZMLINFSRV_VENV = ROOT / ".venv-azmlinfsrv"
-# The deployment's request_timeout_ms in deploy_model.py: azmlinfsrv gives up on run() after it.
-SCORING_TIMEOUT_MS = 180_000
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -113,7 +111,7 @@ def server_environment(azureml_model_dir: Path, host: str, key: str) -> dict:
         "LOCAL_ENDPOINT_KEY": key,
         "LOCAL_ENDPOINT_HOST": host,
         "AML_APP_ROOT": str(SCORE_SCRIPT.parent),
-        "SCORING_TIMEOUT_MS": str(SCORING_TIMEOUT_MS),
+        "SCORING_TIMEOUT_MS": str(REQUEST_TIMEOUT_MS),
         # gunicorn 27 would open a control socket in ~/.gunicorn, shared by every endpoint here.
         "GUNICORN_CMD_ARGS": "--no-control-socket",
         "MLFLOW_DISABLE_TELEMETRY": "true",
