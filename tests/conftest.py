@@ -108,25 +108,44 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny, untrained Phi-3 model and tokenizer folder."""
-    return tiny_phi3.build(tmp_path_factory.mktemp("tiny-phi3"))
+    return built_once(tmp_path_factory, "tiny-phi3", tiny_phi3.build)
 
 
 @pytest.fixture(scope="session")
 def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     """Ultrachat-shaped train (160 rows) and test (40 rows) JSONL files."""
-    folder = tmp_path_factory.mktemp("chats")
-    rows = sample_chats.make_rows(200, seed=0)
-    return write_jsonl(folder / "train.jsonl", rows[:160]), write_jsonl(folder / "test.jsonl", rows[160:])
+    def write(folder):
+        rows = sample_chats.make_rows(200, seed=0)
+        write_jsonl(folder / "train.jsonl", rows[:160]), write_jsonl(folder / "test.jsonl", rows[160:])
+
+    folder = built_once(tmp_path_factory, "chats", write)
+    return folder / "train.jsonl", folder / "test.jsonl"
 
 
-def fine_tune(model_dir, train, test, out, *flags, cwd=None):
+def fine_tune(model_dir, train, test, out, *flags, cwd=None, env=None):
     """Run finetuning_dir/fine_tune.py as the Azure job would; return the CompletedProcess."""
     cwd = cwd or out.parent
     return run_script(
         [ROOT / "finetuning_dir" / "fine_tune.py", "--model-name", model_dir, "--train-file", train,
          "--eval-file", test, "--model_output_dir", out, "--checkpoint_dir", cwd / "checkpoints", *flags],
-        cwd=cwd,
+        cwd=cwd, env=env,
     )
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once for the whole run, by whichever worker process asks first (the others wait
+    for it): the suite runs on two xdist workers, and a fine-tune done twice would cost both cores."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.built").exists():
+            build(folder)
+            (root / f"{name}.built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -141,8 +160,20 @@ def learning_setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="session")
 def fine_tuned_model(tmp_path_factory, tiny_model_dir, chat_files) -> Path:
-    """An MLflow model folder written by a full fine_tune.py run on the tiny model."""
-    out = tmp_path_factory.mktemp("fine-tuned") / "model"
-    result = fine_tune(tiny_model_dir, *chat_files, out, *TINY_TRAINING_FLAGS)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out
+    """An MLflow model folder written by a full fine_tune.py run on the tiny model, once for the run.
+    Its MLflow run is in its own store beside it (tracking_uri_of)."""
+    from local import mlflow_store
+
+    def train(folder):
+        folder.mkdir()
+        store = mlflow_store.prepare(folder / "mlflow.db", folder / "mlartifacts")
+        result = fine_tune(tiny_model_dir, *chat_files, folder / "model", *TINY_TRAINING_FLAGS, env=store)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "fine-tuned", train) / "model"
+
+
+def tracking_uri_of(model_dir: Path) -> str:
+    """The MLflow store of the run that wrote a model (the fine_tuned_model fixture's own, or the session's)."""
+    own = model_dir.parent / "mlflow.db"
+    return f"sqlite:///{own}" if own.exists() else os.environ["MLFLOW_TRACKING_URI"]

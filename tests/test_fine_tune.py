@@ -4,6 +4,7 @@ it learns at the tutorial's settings, its precision, and the evaluation every ru
 import json
 import math
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TINY_TRAINING_FLAGS, fine_tune, run_script, write_jsonl
+from conftest import ROOT, TINY_TRAINING_FLAGS, fine_tune, run_script, tracking_uri_of, write_jsonl
 
 QUESTION = "Who founded Microsoft?"
 SUMMARY = re.compile(r"test loss (\d+\.\d{3}) → (\d+\.\d{3}) \(perplexity (\S+) → (\S+)\)")
@@ -25,7 +26,7 @@ def pyfunc_model(fine_tuned_model):
 
 def run_metrics(model_dir):
     """The metrics of the MLflow run that wrote `model_dir`."""
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri_of(Path(model_dir)))
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiment_ids, filter_string=f"tags.model_output_dir = '{model_dir}'")
     assert len(runs) == 1, f"expected one run for {model_dir}, found {len(runs)}"
