@@ -322,36 +322,44 @@ def test_lora_is_merged_into_a_standalone_model(tmp_path, tiny_model_dir, chat_f
         ("empty", "\n", "train.jsonl: has no rows"),
     ],
 )
-def test_bad_training_data_stops_with_one_line(tmp_path, tiny_model_dir, chat_files, case, content, expected):
+def test_bad_training_data_stops_with_one_line(ft, tmp_path, tiny_model_dir, chat_files, case, content, expected):
+    # fine_tune.py's main() in this process: the command line around it is the next test's.
     train = tmp_path / "train.jsonl"
     train.write_text(content)
-    result = fine_tune(tiny_model_dir, train, chat_files[1], tmp_path / "model")
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    message = stopped(ft, model_name=str(tiny_model_dir), train_file=str(train), eval_file=str(chat_files[1]),
+                      model_output_dir=str(tmp_path / "model"))
+    assert message.startswith("fine_tune.py: ") and expected in message and "\n" not in message
     assert not (tmp_path / "model").exists()
 
 
-def test_missing_file_and_non_empty_output_are_refused(tmp_path, tiny_model_dir, chat_files):
+def stopped(ft, **arguments) -> str:
+    """The one line fine_tune.py's main() stops with on these arguments."""
+    with pytest.raises(SystemExit) as stop:
+        ft.main(ft.FineTuneArguments(save_steps=0, **arguments))
+    return str(stop.value)
+
+
+def test_missing_file_and_non_empty_output_are_refused(ft, tmp_path, tiny_model_dir, chat_files):
     result = fine_tune(tiny_model_dir, tmp_path / "nope.jsonl", chat_files[1], tmp_path / "model")
-    assert result.returncode != 0
-    assert "nope.jsonl: no such file; run download_dataset.py first" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"fine_tune.py: {tmp_path / 'nope.jsonl'}: no such file; run download_dataset.py first or pass the right path"
+    )
 
     out = tmp_path / "earlier"
     write_jsonl(out / "keep.jsonl", [{"kept": True}])
-    result = fine_tune(tiny_model_dir, *chat_files, out)
-    assert result.returncode != 0
-    assert "is not empty; pass a new folder" in result.stderr
+    message = stopped(ft, model_name=str(tiny_model_dir), train_file=str(chat_files[0]),
+                      eval_file=str(chat_files[1]), model_output_dir=str(out))
+    assert message == f"fine_tune.py: --model_output_dir {out} is not empty; pass a new folder (nothing in it was touched)"
     assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
 
 
-def test_unreachable_hub_model_gives_one_line(tmp_path, chat_files):
-    result = fine_tune("microsoft/Phi-3.5-mini-instruct", *chat_files, tmp_path / "model")
-    assert result.returncode != 0
-    assert "could not load model 'microsoft/Phi-3.5-mini-instruct'" in result.stderr
-    assert "pass --model-name with a local model folder" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_unreachable_hub_model_gives_one_line(ft, tmp_path, chat_files):
+    message = stopped(ft, model_name="microsoft/Phi-3.5-mini-instruct", train_file=str(chat_files[0]),
+                      eval_file=str(chat_files[1]), model_output_dir=str(tmp_path / "model"),
+                      checkpoint_dir=str(tmp_path / "checkpoints"))
+    assert message.startswith("fine_tune.py: could not load model 'microsoft/Phi-3.5-mini-instruct' (")
+    assert message.endswith("; check your connection, or pass --model-name with a local model folder")
 
 
 def test_runs_distributed_under_torchrun(tmp_path, tiny_model_dir, chat_files):

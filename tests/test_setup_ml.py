@@ -271,7 +271,9 @@ def test_unfilled_placeholder_stops_before_any_azure_call(tmp_path):
 
 def test_local_runs_the_jobs_command_here(workspace, monkeypatch, tmp_path, tiny_model_dir, capsys):
     monkeypatch.setattr(setup_ml, "LOCAL_OUTPUTS", tmp_path / "outputs")
-    model_dir = setup_ml.main(["--local", "--model-name", str(tiny_model_dir), "--", *TINY_TRAINING_FLAGS])
+    # A few steps: what is checked here is the command and where it writes, not what the model learns.
+    model_dir = setup_ml.main(["--local", "--model-name", str(tiny_model_dir), "--", *TINY_TRAINING_FLAGS,
+                               "--max-steps", "4"])
     assert (model_dir / "MLmodel").is_file()
     assert (model_dir.parent / "model-int4" / "MLmodel").is_file(), "the int4 form, as the job writes it"
     assert model_dir.parent.parent == tmp_path / "outputs" / "models"
