@@ -212,16 +212,3 @@ def test_serving_benchmark_times_the_big_model_in_every_form():
         assert row["over_180_s"] == 0  # five tokens of one layer: far inside the request limit
     assert served["int4"]["server_rss_mb"] < served["bf16 transformers"]["server_rss_mb"]
 
-
-def test_per_row_collator_keeps_bfd_conversations_apart():
-    sys.path.insert(0, str(ROOT))
-    from finetuning_dir.packed_rows import PerRowPackedCollator
-
-    collator = PerRowPackedCollator(pad_token_id=0)
-    batch = collator([{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}, {"input_ids": [4, 3], "seq_lengths": [2]}])
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: masks come from positions
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
-    # No target at a conversation's first token (it would be predicted from the previous one) or on padding.
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 3, -100, -100, -100]]
-    assert collator.last_spans == [3, 2, 2]
