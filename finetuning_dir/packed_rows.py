@@ -8,7 +8,7 @@ eager build one (batch x max_length)^2 mask: batch times the attention work of s
 the same packed rows over as a [batch, longest row] batch instead, with position_ids restarting
 at each conversation and no attention mask, from which transformers masks attention to each
 conversation. Tokens, targets and attention pattern are bfd's, so it trains the same model
-(tests/test_benchmarks.py checks the losses are equal).
+(tests/test_fine_tune.py checks the losses are equal).
 """
 
 import torch

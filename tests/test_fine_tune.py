@@ -297,6 +297,44 @@ def test_the_tutorials_bf16_weights_stay_available_and_auto_follows_the_hardware
     assert ft.resolve_precision("bf16") == "bf16"
 
 
+# Packing: bfd's packed rows kept apart (packed_rows.py) instead of TRL's one flattened row.
+
+
+def test_per_row_collator_keeps_bfd_conversations_apart():
+    from packed_rows import PerRowPackedCollator
+
+    collator = PerRowPackedCollator(pad_token_id=0)
+    batch = collator([{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]}, {"input_ids": [4, 3], "seq_lengths": [2]}])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: masks come from positions
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    # No target at a conversation's first token (it would be predicted from the previous one) or on padding.
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 3, -100, -100, -100]]
+    assert collator.last_spans == [3, 2, 2]
+
+
+def test_rows_kept_apart_train_the_same_model_as_trls_flattened_bfd_batch(ft, tiny_model_dir, chat_files, tmp_path):
+    from packed_rows import PerRowPackedCollator
+    from transformers import set_seed
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    losses = {}
+    for layout in ("rows kept apart", "flattened"):
+        set_seed(0)
+        _, trainer = built_trainer(ft, tiny_model_dir, chat_files, tmp_path, precision="fp32", max_steps=4,
+                                   logging_steps=1)
+        if layout == "rows kept apart":  # fine_tune.py's choice for bfd with sdpa
+            assert isinstance(trainer.data_collator, PerRowPackedCollator)
+        else:  # TRL's own padding-free batch: every packed row in one
+            trainer.data_collator = DataCollatorForLanguageModeling(trainer.processing_class.pad_token_id,
+                                                                    padding_free=True)
+        trainer.train()
+        losses[layout] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["flattened"]) == 4
+    # Same tokens, targets and attention within each conversation: the same losses, step by step.
+    assert losses["rows kept apart"] == pytest.approx(losses["flattened"], rel=1e-5)
+
+
 def test_lora_is_merged_into_a_standalone_model(tmp_path, tiny_model_dir, chat_files):
     out = tmp_path / "model"
     result = fine_tune(tiny_model_dir, *chat_files, out, "--lora", "--max-steps", "5", "--learning-rate", "1e-2")
