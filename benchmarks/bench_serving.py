@@ -45,11 +45,11 @@ import quantize_model  # noqa: E402
 from deploy_model import SERVING  # noqa: E402
 from int4_model import Int4ChatModel, cpu_threads  # noqa: E402
 from local import pf_home  # noqa: E402
-from serving import processes  # noqa: E402
+from serving import REQUEST_TIMEOUT_MS, processes  # noqa: E402
 from stand_ins import tiny_phi3  # noqa: E402
 
 QUESTION = "Who founded Microsoft?"
-REQUEST_LIMIT_S = 180  # the deployment's request_timeout_ms (the tutorial's 180000)
+REQUEST_LIMIT_S = REQUEST_TIMEOUT_MS / 1000  # the deployment's request limit
 BIG_CLIENTS = 3  # the tutorial's max_concurrent_requests_per_instance
 
 
