@@ -196,14 +196,27 @@ def write_in_order(path: Path, answers: dict[int, dict]) -> None:
 # Asking the endpoints, as the chat does
 
 
-def chat_settings(temperature: float | None, max_new_tokens: int | None) -> tuple[Endpoint, float, dict]:
-    """The endpoint the chat talks to, its timeout and its params (the flow's own settings, from .env)."""
-    if temperature is not None:
-        os.environ["AZURE_ML_TEMPERATURE"] = str(temperature)
-    if max_new_tokens is not None:
-        os.environ["AZURE_ML_MAX_NEW_TOKENS"] = str(max_new_tokens)
+@contextlib.contextmanager
+def settings_overridden(**values):
+    """The flow's settings as exported, for the length of the block: the flow reads them from the environment."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: str(value) for name, value in values.items() if value is not None})
     try:
-        url, key, timeout, params = flow.endpoint_settings()
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def chat_settings(temperature: float | None, max_new_tokens: int | None) -> tuple[Endpoint, float, dict]:
+    """The endpoint the chat talks to, its timeout and its params: the flow's own settings (.env), with the
+    temperature and answer length given on the command line, checked by the flow as the chat checks them."""
+    try:
+        with settings_overridden(AZURE_ML_TEMPERATURE=temperature, AZURE_ML_MAX_NEW_TOKENS=max_new_tokens):
+            url, key, timeout, params = flow.endpoint_settings()
     except flow.EndpointError as e:
         raise EvaluationStopped(str(e)) from None
     return Endpoint("fine-tuned", url, key, 1, url), timeout, params
@@ -216,8 +229,8 @@ def ask(endpoint: Endpoint, question: str, timeout: float, params: dict) -> str:
 
 def collect_answers(endpoint: Endpoint, questions: list[Question], path: Path, timeout: float, params: dict) -> float:
     """Ask every question not answered yet in `path`, `endpoint.concurrency` at a time, appending each answer as
-    it arrives; return the seconds it took. On the first failure no new question is sent, those in flight are
-    still kept, and EvaluationStopped says why and how many are kept."""
+    it arrives; return the seconds it took. After the first failure no new question is sent, the answers to those
+    in flight are still kept, and EvaluationStopped says why and how many are kept."""
     done = kept_answers(path)
     todo = [i for i in range(len(questions)) if i not in done]
     if not todo:
@@ -225,29 +238,34 @@ def collect_answers(endpoint: Endpoint, questions: list[Question], path: Path, t
         return 0.0
     print(f"{endpoint.name}: asking {len(todo)} questions of {endpoint.url}, {endpoint.concurrency} at a time"
           + (f" ({len(done)} kept from before)" if done else ""), flush=True)
-    lock, failure = threading.Lock(), None
+    stopping, failure = threading.Event(), None
     started = time.monotonic()
 
-    def one(i: int) -> dict:
+    def one(i: int) -> dict | None:
+        if stopping.is_set():  # an earlier question failed: send no new one
+            return None
         asked = time.monotonic()
-        answer = ask(endpoint, questions[i].text, timeout, params)
+        try:
+            answer = ask(endpoint, questions[i].text, timeout, params)
+        except flow.EndpointError:
+            stopping.set()
+            raise
         return {"line": i, "query": questions[i].text, "ground_truth": questions[i].reference, "response": answer,
                 "seconds": round(time.monotonic() - asked, 3)}
 
     with open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(endpoint.concurrency) as pool:
-        futures = [pool.submit(one, i) for i in todo]
-        for future in as_completed(futures):
+        # Only this thread writes: each answer is on disk before the next is waited for.
+        for future in as_completed([pool.submit(one, i) for i in todo]):
             try:
                 row = future.result()
             except flow.EndpointError as e:
                 failure = failure or e
-                for pending in futures:
-                    pending.cancel()  # those not started yet; the ones in flight finish and are kept
                 continue
-            with lock:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                done[row["line"]] = row
+            if row is None:
+                continue
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done[row["line"]] = row
             print(f"  {endpoint.name}: {len(done)}/{len(questions)} answered ({row['seconds']:.1f} s)", flush=True)
     if failure is not None:
         raise EvaluationStopped(
@@ -682,7 +700,8 @@ def evaluate_chat(args) -> Path:
             seconds[endpoint.name] = collect_answers(endpoint, questions, answers, timeout, params)
             continue
         model_dir = baseline_mlflow_model(args.baseline, args.out / "baseline-models")
-        with served_baseline(model_dir, run_dir) as (endpoint.url, endpoint.key):
+        with served_baseline(model_dir, run_dir) as (url, key):
+            endpoint.url, endpoint.key = url, key
             seconds[endpoint.name] = collect_answers(endpoint, questions, answers, timeout, params)
     results = {e.name: score(e, run_dir / f"answers-{e.name}.jsonl", run_dir, how) for e in endpoints}
     text, differences = report(results, how, seconds, args.show)
