@@ -285,8 +285,8 @@ def baseline_mlflow_model(model: str, cache: Path) -> Path:
     or Hub id) the untrained model written once into `cache` the way fine_tune.py writes its model."""
     if (Path(model) / "MLmodel").is_file():
         return Path(model).resolve()
-    name = Path(model).name or model
-    folder = cache / f"{name}-{hashlib.sha256(str(Path(model).resolve() if Path(model).exists() else model).encode()).hexdigest()[:8]}"
+    source = str(Path(model).resolve()) if Path(model).exists() else model  # a folder, or a Hub id
+    folder = cache / f"{Path(source).name}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
     if (folder / "MLmodel").is_file():
         return folder
     print(f"Writing {model} as an MLflow model into {display(folder)} (once), as fine_tune.py writes its model ...",
@@ -559,6 +559,21 @@ def differences_text(differences: list[dict], names: list[str]) -> str:
     return "\n".join(blocks)
 
 
+AI_ASSISTED = ("groundedness", "relevance", "coherence", "fluency", "similarity")
+
+
+def judge_tokens(results: dict[str, dict]) -> dict[str, int]:
+    """The Azure OpenAI tokens the AI-assisted evaluators used, from the usage each row keeps: what they cost."""
+    tokens = {"prompt": 0, "completion": 0}
+    for result in results.values():
+        for row in result["rows"]:
+            for name in AI_ASSISTED:
+                usage = row.get(f"outputs.{name}.{name}_properties") or {}
+                for kind in tokens:
+                    tokens[kind] += int(usage.get(f"{kind}_tokens") or 0)
+    return tokens
+
+
 def report(results: dict[str, dict], how: Scoring, seconds: dict[str, float], show: int) -> tuple[str, list[dict]]:
     """The text the learner reads, and the questions that differ most."""
     names = list(results)
@@ -568,6 +583,10 @@ def report(results: dict[str, dict], how: Scoring, seconds: dict[str, float], sh
         parts.append(f"\nThe {len(differences)} questions on which the two differ most (F1):\n"
                      + differences_text(differences, names))
     parts.append("\n" + "\n".join(f"{name}: answers collected in {s:.1f} s" for name, s in seconds.items() if s))
+    tokens = judge_tokens(results)
+    if tokens["prompt"]:
+        parts.append(f"Azure OpenAI tokens used by the AI-assisted evaluators: {tokens['prompt']:,} prompt, "
+                     f"{tokens['completion']:,} completion")
     parts += [f"Note: {line}" for line in how.left_out]
     parts += [f"Logged to the Azure AI project: {r['studio_url']}" for r in results.values() if r.get("studio_url")]
     return "\n".join(parts), differences
@@ -578,7 +597,8 @@ def report(results: dict[str, dict], how: Scoring, seconds: dict[str, float], sh
 
 
 def log_to_mlflow(run_dir: Path, settings: dict, results: dict[str, dict], how: Scoring) -> str:
-    """One MLflow run: the settings, each metric per endpoint (and the difference), the run folder as artifacts."""
+    """One MLflow run: the settings, each metric per endpoint (and the difference), the judges' tokens, the run
+    folder as artifacts."""
     if "MLFLOW_TRACKING_URI" not in os.environ:  # a store of the learner's own wins
         os.environ.update(mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts"))
     import mlflow
@@ -595,6 +615,7 @@ def log_to_mlflow(run_dir: Path, settings: dict, results: dict[str, dict], how: 
             first, second = f"{names[0]}.{evaluator}", f"{names[1]}.{evaluator}"
             if first in metrics and second in metrics:
                 metrics[f"difference.{evaluator}"] = metrics[first] - metrics[second]
+    metrics.update({f"judge_tokens.{kind}": count for kind, count in judge_tokens(results).items() if count})
     with mlflow.start_run(run_name=f"evaluate-chat-{run_dir.name}") as run:
         mlflow.set_tag("step", "evaluate_chat")
         mlflow.log_params({"questions": settings["questions"], "test_data": settings["test_data"],
@@ -709,7 +730,8 @@ def evaluate_chat(args) -> Path:
     (run_dir / "table.txt").write_text(text + "\n", encoding="utf-8")
     (run_dir / "results.json").write_text(json.dumps({
         "settings": settings, "metrics": {name: r["metrics"] for name, r in results.items()},
-        "answer_seconds": seconds, "largest_differences": differences, "left_out": how.left_out,
+        "answer_seconds": seconds, "judge_tokens": judge_tokens(results), "largest_differences": differences,
+        "left_out": how.left_out,
         "studio_urls": {name: r.get("studio_url") for name, r in results.items()},
         "endpoints": [{**asdict(e), "key": None} for e in endpoints],
     }, indent=2, default=str), encoding="utf-8")

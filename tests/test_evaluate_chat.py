@@ -10,6 +10,7 @@ answers collected before it are kept for the rerun.
 
 import json
 import re
+import sys
 
 import mlflow
 import pytest
@@ -129,8 +130,8 @@ def test_the_offline_evaluators_score_for_real_and_download_nothing(offline, tmp
         {"line": 2, "query": QUESTION, "ground_truth": ANSWER, "response": "Nobody knows."},
     ])
     how = evaluate_chat.Scoring(evaluators, {}, None, None, [])
-    endpoint = evaluate_chat.Endpoint("fine-tuned", "", "", 1, "")
-    result = evaluate_chat.score(endpoint, answers, tmp_path, how)
+    fine_tuned = evaluate_chat.Endpoint("fine-tuned", "", "", 1, "")
+    result = evaluate_chat.score(fine_tuned, answers, tmp_path, how)
     f1 = [row["outputs.f1_score.f1_score"] for row in result["rows"]]
     # SQuAD's F1 over normalised words: "bill gates and paul allen" is 5 of the reference's 9 and of the answer's 6.
     assert f1 == pytest.approx([1.0, 2 * (5 / 6) * (5 / 9) / (5 / 6 + 5 / 9), 0.0])
@@ -160,6 +161,9 @@ def test_the_ai_assisted_evaluators_ask_the_azure_openai_deployment(offline, sta
         assert metrics[f"{name}.{name}"] == 4.0, name
     printed = capsys.readouterr().out
     assert re.search(r"^relevance \(1-5\) +4\.000$", printed, re.M) and "Note: groundedness" not in printed
+    # What they cost: the usage the deployment reported, 1,500 prompt and 80 completion tokens a call.
+    assert results["judge_tokens"] == {"prompt": 15_000, "completion": 800}
+    assert "Azure OpenAI tokens used by the AI-assisted evaluators: 15,000 prompt, 800 completion" in printed
     # openai's client, as azure-ai-evaluation drives it: 5 judges x 2 answers, each with the key and the answer.
     assert len(judge.requests) == 10
     assert {r["path"] for r in judge.requests} == {"/openai/deployments/judge-gpt-4o/chat/completions?api-version=2024-10-21"}
@@ -332,3 +336,25 @@ def test_questions_go_out_as_many_at_once_as_the_deployment_admits(monkeypatch):
         assert fine_tuned.concurrency == SERVING[form].max_concurrent_requests
         assert baseline.concurrency == SERVING["transformers"].max_concurrent_requests
     assert SERVING["int4"].max_concurrent_requests == 3
+
+
+def test_make_local_ends_by_evaluating_the_int4_endpoint_against_the_base(monkeypatch, tmp_path):
+    from local import pipeline
+    from stand_ins.tiny_phi3 import TINY_MODEL_DIR
+
+    steps = []
+    monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
+    monkeypatch.setattr(pipeline, "prepare_data", lambda split: steps.append("data"))
+    monkeypatch.setattr(pipeline, "fine_tune", lambda model_name: steps.append("fine-tune"))
+    monkeypatch.setattr(pipeline, "serve_and_ask", lambda port, keep_endpoint, form: steps.append(
+        f"serve {form}, keep {keep_endpoint}") or ("answer", f"{form} endpoint"))
+    monkeypatch.setattr(pipeline, "run", lambda step, command, check=True: steps.append((step, command)))
+    monkeypatch.setattr(pipeline.processes, "stop", lambda process: steps.append(f"stop {process}"))
+    pipeline.main([])
+    assert steps == [
+        "data", "fine-tune", "serve transformers, keep False", "serve int4, keep True",
+        ("Step 5: evaluate the chat's answers against the base model's",
+         [sys.executable, "evaluate_chat.py", "--questions", "20", "--temperature", "0", "--baseline",
+          str(TINY_MODEL_DIR), "--fresh"]),
+        "stop int4 endpoint",
+    ]
