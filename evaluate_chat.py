@@ -231,7 +231,10 @@ def collect_answers(endpoint: Endpoint, questions: list[Question], path: Path, t
     """Ask every question not answered yet in `path`, `endpoint.concurrency` at a time, appending each answer as
     it arrives; return the seconds it took. After the first failure no new question is sent, the answers to those
     in flight are still kept, and EvaluationStopped says why and how many are kept."""
-    done = kept_answers(path)
+    # Kept answers count only for the same question (the file may have changed since); a clean copy of them
+    # drops any line a crash cut short, so that new answers are appended on lines of their own.
+    done = {i: row for i, row in kept_answers(path).items() if i < len(questions) and row["query"] == questions[i].text}
+    write_in_order(path, done)
     todo = [i for i in range(len(questions)) if i not in done]
     if not todo:
         print(f"{endpoint.name}: all {len(questions)} answers were collected before ({display(path)}).")
@@ -254,19 +257,23 @@ def collect_answers(endpoint: Endpoint, questions: list[Question], path: Path, t
                 "seconds": round(time.monotonic() - asked, 3)}
 
     with open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(endpoint.concurrency) as pool:
-        # Only this thread writes: each answer is on disk before the next is waited for.
-        for future in as_completed([pool.submit(one, i) for i in todo]):
-            try:
-                row = future.result()
-            except flow.EndpointError as e:
-                failure = failure or e
-                continue
-            if row is None:
-                continue
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            done[row["line"]] = row
-            print(f"  {endpoint.name}: {len(done)}/{len(questions)} answered ({row['seconds']:.1f} s)", flush=True)
+        try:
+            # Only this thread writes: each answer is on disk before the next is waited for.
+            for future in as_completed([pool.submit(one, i) for i in todo]):
+                try:
+                    row = future.result()
+                except flow.EndpointError as e:
+                    failure = failure or e
+                    continue
+                if row is None:
+                    continue
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                done[row["line"]] = row
+                print(f"  {endpoint.name}: {len(done)}/{len(questions)} answered ({row['seconds']:.1f} s)", flush=True)
+        except BaseException:  # Ctrl-C: the questions still queued are not sent
+            stopping.set()
+            raise
     if failure is not None:
         raise EvaluationStopped(
             f"{endpoint.name} endpoint: {failure}; {len(done)} of {len(questions)} answers kept in {display(path)}: "

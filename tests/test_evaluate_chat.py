@@ -258,6 +258,8 @@ def test_a_424_from_azures_gateway_keeps_the_answers_and_the_rerun_continues(sta
         f"out): {flow.MODEL_FIXES['408']}; 2 of 5 answers kept in {evaluate_chat.display(answers)}: run the same "
         "command again to continue")
     assert [row["line"] for row in answers_kept(tmp_path)] == [0, 1]
+    with open(answers, "a") as f:
+        f.write('{"line": 2, "query": "an answer cut short by a cr')  # as if the machine had died mid-write
     # The same command again: the run goes on in the same folder, and only the three questions left are asked.
     results = run(tmp_path, "--test-data", chats, "--questions", 5, "--concurrency", 1)
     assert f"Continuing the unfinished evaluation in {evaluate_chat.display(answers.parent)}" in capsys.readouterr().out
