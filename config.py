@@ -75,6 +75,18 @@ AZURE_ML_ENDPOINT = _setting(
     "AZURE_ML_ENDPOINT", "your_fine_tuned_model_endpoint_uri"
 )  # "https://{your-endpoint-name}.{your-region}.inference.ml.azure.com/score"
 
+# Step 5, evaluate_chat.py (optional). An Azure OpenAI deployment that judges the answers with the
+# Cookbook's AI-assisted evaluators (groundedness, relevance, coherence, fluency, similarity).
+AZURE_OPENAI_ENDPOINT = _setting("AZURE_OPENAI_ENDPOINT", "your_azure_openai_endpoint")  # "https://{resource}.openai.azure.com"
+AZURE_OPENAI_API_KEY = _setting("AZURE_OPENAI_API_KEY", "your_azure_openai_api_key")
+AZURE_OPENAI_DEPLOYMENT = _setting("AZURE_OPENAI_DEPLOYMENT", "your_azure_openai_deployment")  # "gpt-4o"
+AZURE_OPENAI_API_VERSION = _setting("AZURE_OPENAI_API_VERSION", "2024-10-21")
+# An Azure AI Foundry project: its safety service judges the answers (self-harm, hate and unfairness,
+# violence, sexual) and each evaluation is logged to it.
+AZURE_AI_PROJECT = _setting(
+    "AZURE_AI_PROJECT", "your_azure_ai_project_endpoint"
+)  # "https://{resource}.services.ai.azure.com/api/projects/{project}"
+
 # A value is a placeholder when it, or one path segment of it, still starts with "your_".
 _PLACEHOLDER = re.compile(r"(^|/)your_")
 

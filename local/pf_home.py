@@ -6,6 +6,10 @@ pipeline and the tests point it at a folder of the project's, set up so that `pf
 background (trace.destination=none), and skip the weekly "newer version?" query: nothing but
 the endpoint on 127.0.0.1 is contacted. It writes the files `pf config set` would, without
 running `pf` first (whose first run would report telemetry before the setting exists).
+
+promptflow builds an Azure Monitor log exporter when it is imported, whatever its telemetry setting,
+and that exporter (azure-monitor-opentelemetry-exporter) polls Microsoft's OneSettings service from a
+thread of its own; APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED=true, in the environment returned, stops it.
 """
 
 import datetime
@@ -28,7 +32,7 @@ def prepare(home: Path) -> dict:
         "last_check_time": str(datetime.datetime.now()),
         "last_hint_time": str(datetime.datetime.now()),
     }))
-    return {"PF_HOME_DIRECTORY": str(home)}
+    return {"PF_HOME_DIRECTORY": str(home), "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true"}
 
 
 def use(home: Path) -> None:

@@ -9,9 +9,11 @@ Each step is the learner's own command, printed before it runs:
   3. deploy_model.py --local: each form behind a local endpoint with the Azure managed online
      endpoint's scoring contract, in the background (its URI and key go to .env), the
      transformers model first, then the int4 form that deploy_model.py serves by default;
-  4. pf flow test: one question through the tutorial's Prompt flow to each; each endpoint is
-     stopped afterwards (--keep-endpoint leaves the int4 one running) and the way to the chat page
-     is shown.
+  4. pf flow test: one question through the tutorial's Prompt flow to each;
+  5. evaluate_chat.py: the first questions of the test data through the flow's call to the int4
+     endpoint and to the base model (served for the run), scored offline with azure-ai-evaluation,
+     one table of both. Each endpoint is stopped afterwards (--keep-endpoint leaves the int4 one
+     running) and the way to the chat page is shown.
 
     make local            # sets up .venv first
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
@@ -103,6 +105,17 @@ def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, mode
     return answer, endpoint
 
 
+def evaluate_the_chat(base_model: str, questions: int) -> None:
+    """Step 5 while the int4 endpoint is live (.env points at it): the fine-tuned model against its base."""
+    # Greedy decoding: the tiny model's best answers, and the same table every run.
+    command = [sys.executable, "evaluate_chat.py", "--questions", str(questions), "--temperature", "0",
+               "--baseline", str(base_model), "--fresh"]
+    try:
+        run("Step 5: evaluate the chat's answers against the base model's", command)
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"local pipeline: the evaluation failed with exit code {e.returncode}: {shlex.join(command)}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -112,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=5001, help="port of the local endpoint (default: 5001)")
     parser.add_argument("--keep-endpoint", action="store_true",
                         help="leave the local endpoint running at the end, ready for `pf flow serve`")
+    parser.add_argument("--eval-questions", type=int, default=20,
+                        help="questions of the test data step 5 asks both models (default: 20; 0 skips step 5)")
     args = parser.parse_args(argv)
     if "MLFLOW_TRACKING_URI" not in os.environ:  # a store of the learner's own wins
         os.environ.update(mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts"))
@@ -124,7 +139,15 @@ def main(argv=None):
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
     print("\nThe fine-tuned MLflow model is the newest outputs/models/<run>/model, its int4 form .../model-int4")
     serve_and_ask(args.port, keep_endpoint=False, form="transformers")
-    _, endpoint = serve_and_ask(args.port, args.keep_endpoint, form="int4")
+    _, endpoint = serve_and_ask(args.port, keep_endpoint=True, form="int4")
+    try:
+        if args.eval_questions:
+            from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
+
+            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions)
+    finally:
+        if not args.keep_endpoint:
+            processes.stop(endpoint)
     running = (f"\n\nThe int4 endpoint is still running (pid {endpoint.pid}, port {args.port}): skip terminal 1, "
                f"and stop it with `kill {endpoint.pid}`." if args.keep_endpoint else "")
     print(CHAT_HOW_TO.format(running=running))

@@ -1,0 +1,192 @@
+"""Stand-ins for the Azure services evaluate_chat.py's evaluators talk to, on 127.0.0.1.
+
+azure-ai-evaluation's own clients do the talking, over real HTTP: openai's for the Azure OpenAI
+deployment that judges the AI-assisted metrics, and azure-core's (the project client, and
+azure-storage-blob for the upload) for the Azure AI Foundry project's safety service and its
+evaluation log. Each stand-in answers as the service does and records every request it got.
+The project's client sends a bearer token only over TLS, as against Azure: its stand-in serves
+HTTPS with a certificate made here, which the clients trust through REQUESTS_CA_BUNDLE.
+"""
+
+import datetime
+import ipaddress
+import json
+import re
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PROJECT_PATH = "/api/projects/finetune-phi"
+STUDIO_URL = "https://ai.azure.com/resource/build/evaluation/stand-in-run"
+
+
+class Recording:
+    """A server on 127.0.0.1 that answers each request with `reply(request)` and records it.
+
+    reply returns (status, JSON-able body or None, headers)."""
+
+    def __init__(self, reply, certificate: tuple[Path, Path] | None = None):
+        self.requests = []
+        recording = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the services
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode("utf-8", errors="replace")
+                request = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                recording.requests.append(request)
+                status, answer, headers = reply(request)
+                payload = b"" if answer is None else json.dumps(answer).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = handle_any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        scheme = "http"
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, certificate))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.base_url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_completion(content: str) -> dict:
+    """A chat.completion as Azure OpenAI answers it."""
+    return {
+        "id": "chatcmpl-stand-in", "object": "chat.completion", "created": int(time.time()), "model": "gpt-4o",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 1500, "completion_tokens": 80, "total_tokens": 1580},
+    }
+
+
+class AzureOpenAIStandIn(Recording):
+    """An Azure OpenAI resource: POST /openai/deployments/<d>/chat/completions?api-version=..., `api-key` header.
+
+    Every judge answers score 4 with a reason, in the JSON the evaluators' prompts ask for."""
+
+    def __init__(self, key: str = "stand-in-openai-key"):
+        self.key = key
+        super().__init__(self.answer)
+
+    def answer(self, request):
+        if request["headers"].get("api-key") != self.key:
+            return 401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}, {}
+        if not re.fullmatch(r"/openai/deployments/[^/]+/chat/completions\?api-version=[\w.-]+", request["path"]):
+            return 404, {"error": {"code": "404", "message": "Resource not found"}}, {}
+        return 200, chat_completion(json.dumps({"reason": "The stand-in judge found it fine.", "score": 4})), {}
+
+    def prompts(self) -> list[str]:
+        return ["\n".join(str(m["content"]) for m in r["body"]["messages"]) for r in self.requests]
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "stand-in.pem", folder / "stand-in.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+class FoundryProjectStandIn(Recording):
+    """An Azure AI Foundry project (https://<resource>.services.ai.azure.com/api/projects/<project>): its safety
+    service's sync evaluations, and the evaluation log evaluate() writes (a result version whose file goes to a
+    blob container by SAS, then an evaluation run, started and completed)."""
+
+    def __init__(self, certificate: tuple[Path, Path], token: str):
+        self.token = token
+        self.blobs = {}
+        super().__init__(self.answer, certificate)
+        self.endpoint = self.base_url + PROJECT_PATH
+
+    def answer(self, request):
+        path = urlsplit(request["path"]).path
+        if path.startswith("/storageaccount/"):  # the SAS upload: azure-storage-blob's Put Blob
+            self.blobs[path] = request["body"]
+            return 201, None, {"ETag": '"0x8DD000000000001"', "Last-Modified": "Sat, 29 Nov 2026 12:00:00 GMT",
+                               "x-ms-request-server-encrypted": "true", "x-ms-version": "2025-01-05"}
+        if request["headers"].get("Authorization") != f"Bearer {self.token}":
+            return 401, {"error": {"code": "Unauthorized", "message": "no valid token"}}, {}
+        route = path.removeprefix(PROJECT_PATH)
+        if route == "/sync_evals:run":
+            criterion = request["body"]["testing_criteria"][0]
+            return 200, {"results": [{
+                "metric": criterion["evaluator_name"], "score": 0, "label": "pass",
+                "reason": "The stand-in safety service found no harm.",
+                "properties": {"metrics": {"promptTokens": "40", "completionTokens": "12"}},
+            }]}, {}
+        match = re.fullmatch(r"/evaluationResults/([^/]+)/versions/([^/]+)(/startPendingUpload)?", route)
+        if match and match.group(3):
+            container = f"{self.base_url}/storageaccount/results-{match.group(1)}"
+            return 200, {"blobReferenceForConsumption": {
+                "blobUri": container, "storageAccountArmId": "stand-in",
+                "credential": {"sasUri": container + "?sv=2025-01-05&sig=stand-in", "type": "SAS"}},
+                "pendingUploadId": "upload-1", "version": match.group(2), "pendingUploadType": "TemporaryBlobReference"}, {}
+        if match:
+            return 200, {**request["body"], "id": f"azureai://results/{match.group(1)}/versions/{match.group(2)}"}, {}
+        if route == "/evaluations/runs:upload":
+            return 200, {**request["body"], "id": "stand-in-run", "name": "stand-in-run", "status": "Started"}, {}
+        if route == "/evaluations/runs:updateUpload/stand-in-run":
+            return 200, {**request["body"], "id": "stand-in-run", "name": "stand-in-run",
+                         "properties": {"AiStudioEvaluationUri": STUDIO_URL}}, {}
+        return 404, {"error": {"code": "NotFound", "message": f"no route {route}"}}, {}
+
+    def called(self, method: str, route: str) -> list[dict]:
+        """The requests to one of the project's routes (its path after the project), in order."""
+        return [r for r in self.requests
+                if r["method"] == method and urlsplit(r["path"]).path == PROJECT_PATH + route]
+
+
+class StaticCredential:
+    """A TokenCredential that hands out one token (what DefaultAzureCredential gives after `az login`)."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.scopes = []
+
+    def get_token(self, *scopes, **kwargs):
+        from azure.core.credentials import AccessToken
+
+        self.scopes.extend(scopes)
+        return AccessToken(self.token, int(time.time()) + 3600)
