@@ -151,12 +151,6 @@ def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, lear
     assert "baseline:" in evaluated.stdout and "model:" in evaluated.stdout
     assert not list(tmp_path.iterdir()), "the evaluation writes nothing"
 
-    alone = run_script([ROOT / "finetuning_dir" / "evaluate_model.py", "--model", model, "--eval-file", test,
-                        "--max-length", "256", "--questions", "0"], cwd=tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert re.fullmatch(r"test loss (\d+\.\d{3}) \(perplexity \S+\)", alone.stdout.strip().splitlines()[-1])
-    assert alone.stdout.strip().splitlines()[-1].split()[2] == run_line.split()[2]
-
 
 def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_reproduces_it(tmp_path, chat_files):
     # The path an A100 (or a CPU with AVX512-BF16/AMX) takes under --precision auto, run on purpose
@@ -225,23 +219,26 @@ def test_a_model_folder_is_copied_in_with_its_mlmodel_last_or_not_at_all(tmp_pat
     assert half.is_dir() and not list(half.iterdir()), "the folder stays, empty"
 
 
-def test_the_evaluation_explains_its_flags_and_refuses_bad_input(tmp_path):
-    script = ROOT / "finetuning_dir" / "evaluate_model.py"
-    help_text = run_script([script, "--help"], cwd=tmp_path)
-    assert help_text.returncode == 0
+def test_the_evaluation_explains_its_flags_and_refuses_bad_input(tmp_path, capsys):
+    # evaluate_model.py's main() in this process (the command line runs in the test above).
+    import evaluate_model
+
+    with pytest.raises(SystemExit):
+        evaluate_model.main(["--help"])
+    help_text = capsys.readouterr().out
     for flag in ("--model", "--baseline", "--eval-file", "--questions", "--max-new-tokens", "--max-length",
                  "--batch-size", "--precision"):
-        assert flag in help_text.stdout, flag
+        assert flag in help_text, flag
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [\n')
-    result = run_script([script, "--model", tmp_path, "--eval-file", bad], cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
+    with pytest.raises(SystemExit) as stop:
+        evaluate_model.main(["--model", str(tmp_path), "--eval-file", str(bad)])
+    assert str(stop.value) == (
         f"evaluate_model.py: {bad}: line 1 is not valid JSON (Expecting value); each line must be one JSON object"
     )
-    result = run_script([script, "--model", tmp_path / "no-model", "--eval-file", ROOT / "tests" / "nope.jsonl"],
-                        cwd=tmp_path)
-    assert result.stderr.strip().startswith("evaluate_model.py: ") and "no such file" in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        evaluate_model.main(["--model", str(tmp_path / "no-model"), "--eval-file", str(ROOT / "tests" / "nope.jsonl")])
+    assert str(stop.value).startswith("evaluate_model.py: ") and "no such file" in str(stop.value)
 
 
 # Precision: what the trainer is built with, checked on fine_tune.py's own functions.
