@@ -149,6 +149,23 @@ def chat_turn(question: str, answer: str) -> dict:
     return {"inputs": {"input_data": question}, "outputs": {"answer": answer}}
 
 
+def serve_in_background(handler, certificate: tuple[Path, Path] | None = None) -> tuple[ThreadingHTTPServer, str]:
+    """A ThreadingHTTPServer on a free port of 127.0.0.1 running `handler` in a daemon thread (HTTPS with
+    `certificate`, a (cert, key) pair): the server, to shut down, and its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    scheme = "http"
+    if certificate:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*map(str, certificate))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"{scheme}://127.0.0.1:{server.server_address[1]}"
+
+
 class StandIn:
     """A stand-in endpoint on 127.0.0.1 that answers from a script and records what it got."""
 
@@ -181,11 +198,8 @@ class StandIn:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, base_url = serve_in_background(Handler)
+        self.url = base_url + "/score"
 
     def close(self):
         self.release.set()

@@ -12,12 +12,12 @@ import datetime
 import ipaddress
 import json
 import re
-import ssl
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from chat_fixtures import serve_in_background
 
 PROJECT_PATH = "/api/projects/finetune-phi"
 STUDIO_URL = "https://ai.azure.com/resource/build/evaluation/stand-in-run"
@@ -58,17 +58,7 @@ class Recording:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        scheme = "http"
-        if certificate:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*map(str, certificate))
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-            scheme = "https"
-        self.base_url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.base_url = serve_in_background(Handler, certificate)
 
     def close(self):
         self.server.shutdown()
