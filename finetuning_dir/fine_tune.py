@@ -475,7 +475,12 @@ def main(args: FineTuneArguments):
             evaluation.report(questions, base, tuned, step=trainer.state.global_step)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> FineTuneArguments:
+    """The command line (sys.argv, or argv) as FineTuneArguments."""
     parser = HfArgumentParser(FineTuneArguments, description=__doc__, formatter_class=HelpFormatter)
-    (arguments,) = parser.parse_args_into_dataclasses()
-    main(arguments)
+    (arguments,) = parser.parse_args_into_dataclasses(args=argv)
+    return arguments
+
+
+if __name__ == "__main__":
+    main(parse_args())

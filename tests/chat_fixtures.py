@@ -162,7 +162,8 @@ def serve_in_background(handler, certificate: tuple[Path, Path] | None = None) -
         context.load_cert_chain(*map(str, certificate))
         server.socket = context.wrap_socket(server.socket, server_side=True)
         scheme = "https"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll: shutdown() waits up to one poll interval (0.5 s by default), in every test that uses one.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     return server, f"{scheme}://127.0.0.1:{server.server_address[1]}"
 
 

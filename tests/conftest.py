@@ -5,6 +5,8 @@ data from stand_ins/sample_chats.py. Tools keep their state under a per-session 
 never in `~` or the working tree.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -97,6 +99,26 @@ def run_script(args, cwd, env=None, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(main, args, cwd) -> subprocess.CompletedProcess:
+    """A script's main(argv) in this process, answering as run_script would (exit status, stdout,
+    stderr): for its error paths, where a new process would spend seconds importing torch or datasets."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(arg) for arg in args])
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from conftest import ROOT, run_script, write_jsonl
+import download_dataset
+from conftest import ROOT, run_main, run_script, write_jsonl
 from stand_ins import sample_chats
 
 SCRIPT = ROOT / "download_dataset.py"
+
+
+def run(args, cwd):
+    """download_dataset.py's main() in this process; the first two tests run the command itself."""
+    return run_main(download_dataset.main, args, cwd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -43,7 +49,7 @@ def test_config_paths_come_from_the_environment(tmp_path, sample_file):
 
 def test_tutorial_split_expression_slices_a_local_file(tmp_path, sample_file):
     # The tutorial's CPU tip, train_sft[:10], means the first 10 rows of a local file too.
-    result = run_script([SCRIPT, "--dataset", sample_file, "--split", "train_sft[:10]"], cwd=tmp_path)
+    result = run(["--dataset", sample_file, "--split", "train_sft[:10]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(tmp_path / "data/train_data.jsonl") + read_jsonl(tmp_path / "data/test_data.jsonl")
     assert len(rows) == 10
@@ -56,17 +62,17 @@ def test_local_dataset_folder_with_hub_layout(tmp_path):
     (folder / "data").mkdir(parents=True)
     Dataset.from_list(sample_chats.make_rows(200, seed=1)).to_parquet(folder / "data/train_sft-00000-of-00001.parquet")
     Dataset.from_list(sample_chats.make_rows(20, seed=2)).to_parquet(folder / "data/test_sft-00000-of-00001.parquet")
-    result = run_script([SCRIPT, "--dataset", folder], cwd=tmp_path)  # default split train_sft[:1%]
+    result = run(["--dataset", folder], cwd=tmp_path)  # default split train_sft[:1%]
     assert result.returncode == 0, result.stderr
     assert "Original dataset size: 2" in result.stdout
-    result = run_script([SCRIPT, "--dataset", folder, "--split", "train_sft[:50%]"], cwd=tmp_path)
+    result = run(["--dataset", folder, "--split", "train_sft[:50%]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_jsonl(tmp_path / "data/train_data.jsonl")) == 80
 
 
 def test_seed_makes_the_split_reproducible(tmp_path, sample_file):
     def split_with(seed):
-        result = run_script([SCRIPT, "--dataset", sample_file, "--split", "train", "--seed", seed], cwd=tmp_path)
+        result = run(["--dataset", sample_file, "--split", "train", "--seed", seed], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         return (tmp_path / "data/test_data.jsonl").read_text()
 
@@ -84,12 +90,12 @@ def test_seed_makes_the_split_reproducible(tmp_path, sample_file):
     ],
 )
 def test_bad_rows_are_named_and_earlier_files_kept(tmp_path, sample_file, content, expected):
-    assert run_script([SCRIPT, "--dataset", sample_file, "--split", "train"], cwd=tmp_path).returncode == 0
+    assert run(["--dataset", sample_file, "--split", "train"], cwd=tmp_path).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
-    result = run_script([SCRIPT, "--dataset", bad], cwd=tmp_path)
+    result = run(["--dataset", bad], cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -102,15 +108,13 @@ def test_bad_row_in_a_dataset_folder_is_named_by_index(tmp_path):
     folder = tmp_path / "ds"
     (folder / "data").mkdir(parents=True)
     Dataset.from_list(rows).to_parquet(folder / "data/train_sft-00000-of-00001.parquet")
-    result = run_script([SCRIPT, "--dataset", folder, "--split", "train_sft"], cwd=tmp_path)
+    result = run(["--dataset", folder, "--split", "train_sft"], cwd=tmp_path)
     assert result.returncode != 0
     assert "row 6 has no 'messages' list" in result.stderr
     assert not (tmp_path / "data").exists()
 
 
 def test_failure_while_writing_keeps_earlier_files(tmp_path, sample_file, monkeypatch):
-    import download_dataset
-
     monkeypatch.chdir(tmp_path)
     download_dataset.main(["--dataset", str(sample_file), "--split", "train"])
     before = {p: p.read_bytes() for p in (tmp_path / "data").iterdir()}
@@ -129,7 +133,7 @@ def test_failure_while_writing_keeps_earlier_files(tmp_path, sample_file, monkey
 
 
 def test_unreachable_hub_suggests_dataset_flag(tmp_path):
-    result = run_script([SCRIPT], cwd=tmp_path)  # HF_HUB_OFFLINE=1 stands in for no network
+    result = run([], cwd=tmp_path)  # HF_HUB_OFFLINE=1 stands in for no network
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("download_dataset.py: could not load 'HuggingFaceH4/ultrachat_200k' from the Hugging Face Hub")
@@ -138,18 +142,18 @@ def test_unreachable_hub_suggests_dataset_flag(tmp_path):
 
 
 def test_missing_local_file_and_too_few_rows(tmp_path, sample_file):
-    result = run_script([SCRIPT, "--dataset", "nope.jsonl"], cwd=tmp_path)
+    result = run(["--dataset", "nope.jsonl"], cwd=tmp_path)
     assert result.stderr.strip() == "download_dataset.py: nope.jsonl: no such file or folder"
-    result = run_script([SCRIPT, "--dataset", sample_file, "--split", "train[:1]"], cwd=tmp_path)
+    result = run(["--dataset", sample_file, "--split", "train[:1]"], cwd=tmp_path)
     assert "1 row(s) cannot be split; load at least 2" in result.stderr
     assert result.returncode != 0
     # The default 1% of a 50-row file is no rows at all: say which flag fixes it.
-    result = run_script([SCRIPT, "--dataset", sample_file], cwd=tmp_path)
+    result = run(["--dataset", sample_file], cwd=tmp_path)
     assert "corresponds to no data" in result.stderr and "a whole local file is --split train" in result.stderr
 
 
 def test_help_explains_every_flag():
-    result = run_script([SCRIPT, "--help"], cwd=ROOT)
+    result = run(["--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--dataset", "--config_name", "--split", "--test_size", "--seed", "--train_path", "--test_path"):
         assert flag in result.stdout

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from chat_fixtures import ANSWER, QUESTION, ROOT, endpoint, free_port, stand_in  # noqa: F401
-from conftest import run_script, write_jsonl
+from conftest import run_main, run_script, write_jsonl
 from evaluation_fixtures import AzureOpenAIStandIn, FoundryProjectStandIn, StaticCredential, make_certificate
 from stand_ins import sample_chats
 
@@ -75,7 +75,7 @@ def answers_kept(tmp_path, name="fine-tuned") -> list[dict]:
 
 
 def test_help_explains_every_flag():
-    result = run_script(["evaluate_chat.py", "--help"], cwd=ROOT)
+    result = run_main(evaluate_chat.main, ["--help"], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     for flag in ("--questions", "--test-data", "--baseline ", "--baseline-endpoint", "--form", "--concurrency",
                  "--temperature", "--max-new-tokens", "--show", "--out", "--fresh"):
@@ -230,18 +230,16 @@ def results_dir(tmp_path):
 # Bad input: one line, and what was collected is kept
 
 
-def test_an_unreachable_endpoint_stops_with_one_line(chats, tmp_path):
+def test_an_unreachable_endpoint_stops_with_one_line(chats, monkeypatch, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/score"
-    env_file = tmp_path / ".env"
-    env_file.write_text(f"AZURE_ML_ENDPOINT={url}\nAZURE_ML_API_KEY=some-key\n")
-    result = run_script(["evaluate_chat.py", "--test-data", chats, "--questions", 2, "--out", tmp_path / "evaluations"],
-                        cwd=ROOT, env={"FINETUNE_PHI_ENV_FILE": str(env_file)})
+    use_endpoint(monkeypatch, url, "some-key")
+    monkeypatch.setattr(flow, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
+    message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
     (answers,) = (tmp_path / "evaluations").glob("*/answers-fine-tuned.jsonl")
-    assert result.returncode == 1
-    assert result.stderr == (
+    assert message == (
         f"evaluate_chat.py: fine-tuned endpoint: could not connect to {url} (after 3 retries): is the endpoint running? "
-        f"{flow.HOW_TO_SET} (ConnectionError); 0 of 2 answers kept in {answers}: run the same command again to "
-        "continue\n")
+        f"{flow.HOW_TO_SET} (ConnectionError); 0 of 2 answers kept in {evaluate_chat.display(answers)}: run the same "
+        "command again to continue")
 
 
 def test_a_424_from_azures_gateway_keeps_the_answers_and_the_rerun_continues(stand_in, chats, monkeypatch, tmp_path,

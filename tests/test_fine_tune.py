@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TINY_TRAINING_FLAGS, fine_tune, run_script, tracking_uri_of, write_jsonl
+from conftest import ROOT, fine_tune, run_main, run_script, tracking_uri_of, write_jsonl
 
 QUESTION = "Who founded Microsoft?"
 SUMMARY = re.compile(r"test loss (\d+\.\d{3}) → (\d+\.\d{3}) \(perplexity (\S+) → (\S+)\)")
@@ -90,6 +90,13 @@ def test_losses_and_throughput_go_to_mlflow(fine_tuned_model):
     assert run.data.params["learning_rate"] == "0.01"
 
 
+def evaluate_model(args, cwd):
+    """evaluate_model.py's main() in this process (a new one would spend seconds importing torch)."""
+    import evaluate_model
+
+    return run_main(evaluate_model.main, args, cwd)
+
+
 @pytest.fixture(scope="module")
 def default_run(learning_setup, tmp_path_factory):
     """fine_tune.py at the tutorial's settings (lr 5e-6, 20% warm-up, cosine, 3 epochs, batch 4): only the
@@ -139,11 +146,8 @@ def test_every_run_answers_eval_questions_before_and_after(default_run, learning
 def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, learning_setup, tmp_path):
     out, result = default_run
     model, _, test = learning_setup
-    evaluated = run_script(
-        [ROOT / "finetuning_dir" / "evaluate_model.py", "--model", out, "--baseline", model, "--eval-file", test,
-         "--max-length", "256", "--questions", "1"],
-        cwd=tmp_path,
-    )
+    evaluated = evaluate_model(["--model", out, "--baseline", model, "--eval-file", test, "--max-length", "256",
+                                "--questions", "1"], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     # The same trainer, data and model: the same figures as the run's own line.
     run_line = SUMMARY.search(result.stdout.strip().splitlines()[-1]).group(0)
@@ -171,11 +175,8 @@ def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_repr
 
     assert AutoConfig.from_pretrained(out / "model").dtype == torch.bfloat16
     run_line = SUMMARY.search(result.stdout.strip().splitlines()[-1]).group(0)
-    evaluated = run_script(
-        [ROOT / "finetuning_dir" / "evaluate_model.py", "--model", out, "--baseline", base, "--eval-file",
-         chat_files[1], "--max-length", "256", "--precision", "bf16-mixed", "--questions", "0"],
-        cwd=tmp_path,
-    )
+    evaluated = evaluate_model(["--model", out, "--baseline", base, "--eval-file", chat_files[1], "--max-length", "256",
+                                "--precision", "bf16-mixed", "--questions", "0"], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert evaluated.stdout.strip().splitlines()[-1] == run_line
 
@@ -375,7 +376,9 @@ def stopped(ft, **arguments) -> str:
 
 
 def test_missing_file_and_non_empty_output_are_refused(ft, tmp_path, tiny_model_dir, chat_files):
-    result = fine_tune(tiny_model_dir, tmp_path / "nope.jsonl", chat_files[1], tmp_path / "model")
+    result = run_main(lambda argv: ft.main(ft.parse_args(argv)), [
+        "--model-name", tiny_model_dir, "--train-file", tmp_path / "nope.jsonl", "--eval-file", chat_files[1],
+        "--model_output_dir", tmp_path / "model"], cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"fine_tune.py: {tmp_path / 'nope.jsonl'}: no such file; run download_dataset.py first or pass the right path"

@@ -11,10 +11,16 @@ import yaml
 from transformers import AutoTokenizer
 
 from chat_fixtures import ANSWER, QUESTION, Endpoint, flow_answer, pf_flow_test, quiet_pf_home  # noqa: F401
-from conftest import ROOT, run_script, write_jsonl
+from conftest import ROOT, run_main, run_script, write_jsonl
 
 QUANTIZE = ROOT / "finetuning_dir" / "quantize_model.py"
-EVALUATE = ROOT / "finetuning_dir" / "evaluate_model.py"
+
+
+def quantize_in_process(args, cwd):
+    """quantize_model.py's main() in this process, for its error paths; the int4_model fixture runs the command."""
+    import quantize_model
+
+    return run_main(quantize_model.main, args, cwd)
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +72,10 @@ def test_int4_obeys_the_params(pyfunc_int4, fine_tuned_model):
 
 
 def test_int4_keeps_the_test_loss_within_3_percent(int4_model, fine_tuned_model, chat_files, tmp_path):
-    result = run_script([EVALUATE, "--model", int4_model, "--baseline", fine_tuned_model, "--eval-file", chat_files[1],
-                         "--max-length", "256", "--questions", "2"], cwd=tmp_path)
+    import evaluate_model  # its main() in this process: a new one would spend seconds importing torch
+
+    result = run_main(evaluate_model.main, ["--model", int4_model, "--baseline", fine_tuned_model, "--eval-file",
+                                            chat_files[1], "--max-length", "256", "--questions", "2"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     change = float(re.search(r"relative change of the test loss: ([+-]\d+\.\d+)%", result.stdout).group(1))
     assert abs(change) < 3, result.stdout
@@ -103,7 +111,7 @@ def test_the_int4_loss_is_the_trainers_measure(fine_tuned_model, chat_files, tmp
 
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path, chat_files):
     out = tmp_path / "model-int4"
-    result = run_script([QUANTIZE, "--model-dir", tmp_path, "--output-dir", out], cwd=tmp_path)
+    result = quantize_in_process(["--model-dir", tmp_path, "--output-dir", out], cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"quantize_model.py: {tmp_path} is not an MLflow model folder (no MLmodel file); pass the folder "
@@ -115,7 +123,7 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path, chat_files):
 def test_a_non_empty_output_is_left_alone(fine_tuned_model, tmp_path):
     out = tmp_path / "model-int4"
     write_jsonl(out / "keep.jsonl", [{"kept": True}])
-    result = run_script([QUANTIZE, "--model-dir", fine_tuned_model, "--output-dir", out], cwd=tmp_path)
+    result = quantize_in_process(["--model-dir", fine_tuned_model, "--output-dir", out], cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"quantize_model.py: --output-dir {out} is not empty; pass a new folder (nothing in it was touched)"
@@ -123,18 +131,19 @@ def test_a_non_empty_output_is_left_alone(fine_tuned_model, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
 
 
-def test_a_failed_conversion_leaves_nothing_behind(fine_tuned_model, tmp_path):
+def test_a_failed_conversion_leaves_nothing_behind(fine_tuned_model, tmp_path, monkeypatch):
     # A model folder whose weights cannot be read: the builder fails half-way.
     import shutil
+    import tempfile
 
     broken = tmp_path / "broken"
     shutil.copytree(fine_tuned_model, broken)
     (broken / "model" / "model.safetensors").write_bytes(b"not weights")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    result = run_script([QUANTIZE, "--model-dir", broken, "--output-dir", tmp_path / "model-int4"], cwd=tmp_path,
-                        env={"TMPDIR": str(scratch)})
-    assert result.returncode != 0
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(Exception, match="model.safetensors|header|deserializ"):
+        quantize_in_process(["--model-dir", broken, "--output-dir", tmp_path / "model-int4"], cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "tmp"], "no output folder"
     assert not list(scratch.glob("model-int4-*")), "no scratch folder left"
 
@@ -154,6 +163,6 @@ def test_the_int4_model_chats_through_the_local_endpoint_and_the_flow(int4_model
 
 
 def test_quantize_explains_its_flags(tmp_path):
-    result = run_script([QUANTIZE, "--help"], cwd=tmp_path)
+    result = quantize_in_process(["--help"], cwd=tmp_path)
     assert result.returncode == 0
     assert "--model-dir" in result.stdout and "--output-dir" in result.stdout

@@ -15,7 +15,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.identity import AzureCliCredential, CredentialUnavailableError
 
 from azure_fakes import mocked_ml_client, poller
-from conftest import ROOT, TINY_TRAINING_FLAGS, run_script
+from conftest import ROOT, TINY_TRAINING_FLAGS, run_main, run_script
 
 import config  # noqa: I001  (the same module object the scripts hold)
 import ml_client as ml_client_module
@@ -382,9 +382,11 @@ def test_the_gpu_jobs_command_stops_at_once_on_a_machine_without_a_gpu(workspace
         "inputs.train_file": chat_files[0], "inputs.eval_file": chat_files[1],
         **{f"outputs.{k}": v for k, v in outputs.items()},
     })
-    snapshot = shutil.copytree(ROOT / "finetuning_dir", tmp_path / "wd", ignore=shutil.ignore_patterns("__pycache__"))
-    result = run_script(args[1:], cwd=snapshot)  # the default model is the Hub's: it is never reached
-    assert result.returncode == 1
+    assert args[1] == "fine_tune.py"
+    import fine_tune  # its main() in this process: a new one would spend its first seconds importing
+
+    result = run_main(lambda argv: fine_tune.main(fine_tune.parse_args(argv)), args[2:], cwd=tmp_path)
+    assert result.returncode == 1  # and the default model, the Hub's, was never reached
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("fine_tune.py: --require_gpu, but torch sees no usable GPU: torch ")
     assert "torch.version.cuda = " in line and "torch.cuda.device_count() = 0" in line
