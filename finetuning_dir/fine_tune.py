@@ -305,7 +305,7 @@ def training_config(args: FineTuneArguments) -> SFTConfig:
         save_steps=args.save_steps or 500,
         save_total_limit=1,  # a full fine-tune's checkpoint is weights + AdamW moments: ~46 GB for Phi-3.5-mini
         seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,  # the tutorial's gradient_checkpointing, renamed
         gradient_accumulation_steps=1,
         warmup_steps=args.warmup,
         report_to="none",

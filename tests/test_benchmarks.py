@@ -4,16 +4,26 @@ No timing threshold is asserted here (benchmarks are not timed tests): only that
 runs, prints its configuration and its figures, and that the figures are consistent.
 """
 
+import importlib
 import json
 import math
 import re
-import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 BENCH = ROOT / "benchmarks"
+
+
+def benchmark(script: str):
+    """A benchmark script's module (conftest puts the project on sys.path)."""
+    return importlib.import_module(f"benchmarks.{script[:-3]}")
+
+
+def run_benchmark(script: str, args):
+    """A benchmark's main() on these flags, in this process: a new one would spend its first seconds importing."""
+    return run_main(benchmark(script).main, args, cwd=ROOT)
 
 
 def results(stdout: str) -> dict:
@@ -28,13 +38,8 @@ def results(stdout: str) -> dict:
 
 @pytest.mark.parametrize("script", ["bench_finetune.py", "bench_dataprep.py", "bench_serving.py", "trace_memory.py"])
 def test_help_explains_every_flag(script, capsys):
-    # The script's own parser, in this process: the scripts import torch first, ~7 s a process.
-    import importlib
-
-    sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(f"benchmarks.{script[:-3]}")
     with pytest.raises(SystemExit) as done:
-        module.parse_args(["--help"])
+        benchmark(script).parse_args(["--help"])
     assert done.value.code == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith("usage:")
@@ -56,12 +61,9 @@ def losses_by_runner(runs: list[dict]) -> dict:
 
 def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir):
     batch, length = 2, 128
-    result = run_script(
-        [BENCH / "bench_finetune.py", "--model", tiny_model_dir, "--max-length", length, "--batch-size", batch,
-         "--warmup-steps", 1, "--steps", 2, "--repeats", 1, "--rows", 60,
-         "--settings", "tutorial,default", "--modes", "full,lora"],
-        cwd=ROOT, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600,
-    )
+    result = run_benchmark("bench_finetune.py", [
+        "--model", tiny_model_dir, "--max-length", length, "--batch-size", batch, "--warmup-steps", 1, "--steps", 2,
+        "--repeats", 1, "--rows", 60, "--settings", "tutorial,default", "--modes", "full,lora"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "configuration: " in out and '"max_length": 128' in out and "loadavg" in out
@@ -95,12 +97,10 @@ def test_finetune_benchmark_runs_both_trainers_on_the_same_model(tiny_model_dir)
 
 
 def test_finetune_benchmark_compares_the_tutorials_bf16_weights_with_fp32_ones(tiny_model_dir):
-    result = run_script(
-        [BENCH / "bench_finetune.py", "--model", tiny_model_dir, "--max-length", 128, "--batch-size", 2,
-         "--warmup-steps", 1, "--steps", 8, "--repeats", 1, "--rows", 60,
-         "--settings", "default", "--modes", "full", "--runners", "fine_tune,bare", "--precisions", "bf16,fp32"],
-        cwd=ROOT, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600,
-    )
+    result = run_benchmark("bench_finetune.py", [
+        "--model", tiny_model_dir, "--max-length", 128, "--batch-size", 2, "--warmup-steps", 1, "--steps", 8,
+        "--repeats", 1, "--rows", 60, "--settings", "default", "--modes", "full", "--runners", "fine_tune,bare",
+        "--precisions", "bf16,fp32"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = results(result.stdout)["finetune"]
     runs = {(r["precision"], r["runner"]): r for r in payload["runs"]}
@@ -116,9 +116,7 @@ def test_finetune_benchmark_compares_the_tutorials_bf16_weights_with_fp32_ones(t
 
 
 def test_dataprep_benchmark_compares_process_counts():
-    result = run_script(
-        [BENCH / "bench_dataprep.py", "--rows", 50, "--repeats", 1, "--num-proc", "2,default"], cwd=ROOT, timeout=300
-    )
+    result = run_benchmark("bench_dataprep.py", ["--rows", 50, "--repeats", 1, "--num-proc", "2,default"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = results(result.stdout)["dataprep"]
     table = {row["num_proc"]: row for row in payload["table"]}
@@ -133,7 +131,6 @@ def test_phi35_mini_config_has_the_real_models_size():
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.common import PHI35_MINI_CONFIG
 
     with torch.device("meta"):
@@ -148,8 +145,8 @@ def test_memory_trace_counts_fp32_weights_and_their_optimizer_state():
 
     from benchmarks.common import PHI35_MINI_CONFIG
 
-    result = run_script([BENCH / "trace_memory.py", "--layers", 1, "--batch-size", 1, "--max-length", 64,
-                         "--precisions", "bf16-mixed,bf16"], cwd=ROOT, timeout=300)
+    result = run_benchmark("trace_memory.py", ["--layers", 1, "--batch-size", 1, "--max-length", 64,
+                                               "--precisions", "bf16-mixed,bf16"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "not measured on a GPU" in result.stdout
     rows = {r["precision"]: r for r in results(result.stdout)["trace_memory"]["rows"]}
@@ -167,7 +164,6 @@ def test_memory_trace_counts_fp32_weights_and_their_optimizer_state():
 def test_batch_meter_counts_conversations_in_padding_free_batches():
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.bench_finetune import BatchMeter
 
     padding_free = BatchMeter(lambda _: {"input_ids": torch.zeros(1, 7), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])})
@@ -181,11 +177,8 @@ def test_batch_meter_counts_conversations_in_padding_free_batches():
 def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
     env_file = ROOT / ".env"
     before = env_file.read_text() if env_file.exists() else None
-    result = run_script(
-        [BENCH / "bench_serving.py", "--model-dir", fine_tuned_model, "--max-new-tokens", 6, "--calls", 4,
-         "--concurrency", 2],
-        cwd=ROOT, timeout=600,
-    )
+    result = run_benchmark("bench_serving.py", ["--model-dir", fine_tuned_model, "--max-new-tokens", 6, "--calls", 4,
+                                                "--concurrency", 2])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = results(result.stdout)["serving"]
     rows = {(r["target"], r["phase"]): r for r in payload["endpoint"]}
@@ -206,11 +199,9 @@ def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
 def test_serving_benchmark_times_the_big_model_in_every_form():
     # One layer of Phi-3.5-mini's size, so that it runs in a test: bf16 and int4 in process, then both
     # served forms through the local endpoint.
-    result = run_script(
-        [BENCH / "bench_serving.py", "--big", "--big-layers", 1, "--big-tokens", 16, "--big-forms", "bfloat16,int4",
-         "--big-endpoint", "--big-calls", 2, "--max-new-tokens", 5],
-        cwd=ROOT, timeout=900,
-    )
+    result = run_benchmark("bench_serving.py", [
+        "--big", "--big-layers", 1, "--big-tokens", 16, "--big-forms", "bfloat16,int4", "--big-endpoint",
+        "--big-calls", 2, "--max-new-tokens", 5])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = results(result.stdout)["serving"]
     big = {r["form"]: r for r in payload["big"]}

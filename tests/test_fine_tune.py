@@ -156,7 +156,8 @@ def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, lear
     assert not list(tmp_path.iterdir()), "the evaluation writes nothing"
 
 
-def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_reproduces_it(tmp_path, chat_files):
+def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_reproduces_it(ft, tmp_path, chat_files,
+                                                                                          caplog):
     # The path an A100 (or a CPU with AVX512-BF16/AMX) takes under --precision auto, run on purpose
     # whatever this CPU is: fp32 weights under bf16 autocast, saved in the base model's bf16. The
     # closing line is the saved model's figure, so evaluating the saved folder gives the same line.
@@ -165,16 +166,18 @@ def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_repr
     base = tiny_phi3.build(tmp_path / "base")
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)  # stored in bf16, as Phi-3.5
     out = tmp_path / "run" / "model"
-    out.parent.mkdir()
-    flags = ("--precision", "bf16-mixed", "--max-length", "256", "--learning-rate", "1e-3", "--epochs", "1")
-    result = fine_tune(base, *chat_files, out, *flags, "--eval-questions", "1")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "precision bf16-mixed (weights torch.float32)" in result.stdout
-    assert "Evaluating the fine-tuned model as it is saved (torch.bfloat16 weights)" in result.stdout
+    with caplog.at_level("INFO", logger="fine_tune"):  # fine_tune.py's main() in this process: its log is caplog's
+        ft.main(ft.parse_args([
+            "--model-name", str(base), "--train-file", str(chat_files[0]), "--eval-file", str(chat_files[1]),
+            "--model_output_dir", str(out), "--checkpoint_dir", str(tmp_path / "checkpoints"), "--precision",
+            "bf16-mixed", "--max-length", "256", "--learning-rate", "1e-3", "--epochs", "1", "--eval-questions", "1"]))
+    said = [record.getMessage() for record in caplog.records if record.name == "fine_tune"]
+    assert any("precision bf16-mixed (weights torch.float32)" in line for line in said), said
+    assert "Evaluating the fine-tuned model as it is saved (torch.bfloat16 weights)" in said
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(out / "model").dtype == torch.bfloat16
-    run_line = SUMMARY.search(result.stdout.strip().splitlines()[-1]).group(0)
+    run_line = SUMMARY.search(said[-1]).group(0)
     evaluated = evaluate_model(["--model", out, "--baseline", base, "--eval-file", chat_files[1], "--max-length", "256",
                                 "--precision", "bf16-mixed", "--questions", "0"], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
@@ -271,6 +274,8 @@ def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(ft, tiny_model_
     assert len(moved) == len(before), "every weight takes AdamW's small steps"
     # Several GPUs: DDP must not copy the fp32 gradients into buckets of their own.
     assert trainer.accelerator.ddp_handler.gradient_as_bucket_view is True
+    # The tutorial's gradient_checkpointing=True, under transformers' new name (the old one warns on every run).
+    assert trainer.args.activation_checkpointing is True and trainer.model.is_activation_checkpointing
 
 
 def test_lora_trains_fp32_adapters_on_a_bf16_base(ft, tiny_model_dir, chat_files, tmp_path):
@@ -333,10 +338,11 @@ def test_rows_kept_apart_train_the_same_model_as_trls_flattened_bfd_batch(ft, ti
     assert losses["rows kept apart"] == pytest.approx(losses["flattened"], rel=1e-5)
 
 
-def test_lora_is_merged_into_a_standalone_model(tmp_path, tiny_model_dir, chat_files):
+def test_lora_is_merged_into_a_standalone_model(ft, tmp_path, tiny_model_dir, chat_files):
     out = tmp_path / "model"
-    result = fine_tune(tiny_model_dir, *chat_files, out, "--lora", "--max-steps", "5", "--learning-rate", "1e-2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    ft.main(ft.parse_args(["--model-name", str(tiny_model_dir), "--train-file", str(chat_files[0]), "--eval-file",
+                           str(chat_files[1]), "--model_output_dir", str(out), "--checkpoint_dir", str(tmp_path / "ck"),
+                           "--lora", "--max-steps", "5", "--learning-rate", "1e-2", "--max-length", "256"]))
     weights = out / "model"
     assert not list(weights.glob("adapter_*")), "the saved model must not need PEFT to load"
     merged = AutoModelForCausalLM.from_pretrained(weights)
