@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 import config
+from finetuning_dir.chat_data import PREDICT_PARAMS
 
 # `pf flow serve`'s Flask engine would load .env into the environment once, at start, where it would
 # shadow the .env this tool reads at each question (a restarted endpoint's new URI and key).
@@ -50,8 +51,9 @@ MODEL_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 RETRIES = 3
 BACKOFF_FACTOR = 1.0  # waits 0 s, 2 s, 4 s between tries (or what a Retry-After header asks)
 RETRY_STATUSES = (429, 503)
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_MAX_NEW_TOKENS = 128
+# Unset, they are the model's own defaults (its signature's, from the same contract).
+DEFAULT_TEMPERATURE = PREDICT_PARAMS["temperature"]
+DEFAULT_MAX_NEW_TOKENS = PREDICT_PARAMS["max_new_tokens"]
 HOW_TO_SET = (
     "start the local endpoint with `python deploy_model.py --local`, or deploy with `python deploy_model.py`; "
     "both write AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to .env"
@@ -117,7 +119,7 @@ def endpoint_settings() -> tuple[str, str, float, dict]:
     )
     # The tutorial's params, but only the new answer back (return_full_text would echo the whole
     # chat); temperature 0 means greedy decoding, which takes no temperature.
-    params = {"temperature": temperature, "max_new_tokens": max_new_tokens, "do_sample": True, "return_full_text": False}
+    params = {**PREDICT_PARAMS, "temperature": temperature, "max_new_tokens": max_new_tokens}
     if temperature == 0:
         params.update(do_sample=False)
         del params["temperature"]

@@ -1,14 +1,18 @@
-"""The chat data contract shared by download_dataset.py and fine_tune.py.
+"""The chat contract shared by download_dataset.py, fine_tune.py and the flow.
 
 A row is ultrachat-shaped when it holds `messages`: a non-empty list of {role, content} with a
-known role and text content. This module sits in finetuning_dir so that it travels with
-fine_tune.py into the Azure ML job.
+known role and text content. A chat request to the served model takes PREDICT_PARAMS. This module
+sits in finetuning_dir so that it travels with fine_tune.py into the Azure ML job.
 """
 
 import json
 import os
 
 ROLES = ("system", "user", "assistant")
+
+# The predict-time params the served model accepts, with their defaults: the tutorial's. fine_tune.py
+# writes them into the model's signature; the flow sends them unless AZURE_ML_* settings say otherwise.
+PREDICT_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": False}
 
 
 class ChatDataError(ValueError):

@@ -47,7 +47,7 @@ from trl import SFTConfig, SFTTrainer
 
 import evaluation
 import model_folder
-from chat_data import ChatDataError, check_jsonl_file
+from chat_data import PREDICT_PARAMS, ChatDataError, check_jsonl_file
 from packed_rows import PerRowPackedCollator
 
 logging.basicConfig(
@@ -58,9 +58,6 @@ logging.basicConfig(
 )
 logger = logging.getLogger("fine_tune")
 logger.setLevel(logging.INFO)
-
-# What the served model accepts as predict-time params, with the defaults the flow sends.
-PREDICT_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": False}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -110,9 +110,9 @@ def test_a_env_file_in_the_flow_folder_does_not_shadow_the_settings(endpoint, qu
     import shutil
 
     flow = tmp_path / "flow"
-    flow.mkdir()
-    for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py"):
-        shutil.copy(ROOT / name, flow / name)
+    (flow / "finetuning_dir").mkdir(parents=True)
+    for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py", "finetuning_dir/chat_data.py"):
+        shutil.copy(ROOT / name, flow / name)  # what the flow's tool imports
     (flow / ".env").write_text(f"AZURE_ML_ENDPOINT=http://127.0.0.1:{free_port()}/score\nAZURE_ML_API_KEY=stale\n")
     env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
     server = FlowServer(env, tmp_path / "pf-serve.log", engine=None, source=flow)
