@@ -207,17 +207,31 @@ def test_ctrl_c_or_sigterm_stops_the_server_and_its_workers_while_it_generates(f
     local = Endpoint(fine_tuned_model, tmp_path)
     try:
         local.wait_until_live()
-        servers = local.descendants()
-        assert any("serving.gateway" in " ".join(p.cmdline()) for p in servers), "azmlinfsrv runs under the command"
-        # Keep a worker busy: a long answer, generated while the signal arrives.
-        busy = threading.Thread(target=lambda: _post_quietly(local, {"input_data": [QUESTION] * 8,
-                                "params": {"max_new_tokens": 2000, "do_sample": True, "temperature": 5.0}}))
-        used = lambda: sum(p.cpu_times().user for p in servers if p.is_running())  # noqa: E731
+        seen = {p.pid: p for p in local.descendants()}
+        assert any("serving.gateway" in " ".join(p.cmdline()) for p in seen.values()), "azmlinfsrv runs under the command"
+
+        def used() -> float:
+            """CPU seconds of every process seen under the command (a worker may start after it answers live)."""
+            seen.update((p.pid, p) for p in local.descendants() if p.pid not in seen)
+            return sum(p.cpu_times().user for p in seen.values() if p.is_running())
+
+        # Keep a worker busy, question after question, so that the signal arrives while it generates
+        # (sampled answers end at a random length: one long answer cannot be counted on).
+        stopping = threading.Event()
+        body = {"input_data": [QUESTION] * 8, "params": {"max_new_tokens": 2000, "do_sample": True, "temperature": 5.0}}
+
+        def keep_asking():
+            while not stopping.is_set():
+                _post_quietly(local, body)
+
+        busy = threading.Thread(target=keep_asking)
         before = used()
         busy.start()
-        eventually(lambda: used() > before + 0.5)  # a worker is generating
+        eventually(lambda: used() > before + 0.5, timeout=60)  # a worker is generating (slowly, on a busy machine)
+        servers = list(seen.values())
         started = time.monotonic()
         local.process.send_signal(sig)
+        stopping.set()
         assert local.process.wait(timeout=30) in (0, -sig)
         took = time.monotonic() - started
         assert took < 15, f"stopping took {took:.1f} s"
