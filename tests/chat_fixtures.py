@@ -149,6 +149,17 @@ def chat_turn(question: str, answer: str) -> dict:
     return {"inputs": {"input_data": question}, "outputs": {"answer": answer}}
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body, headers: dict) -> None:
+    """Answer a stand-in server's request with `body` as JSON (no body for None), with extra `headers`."""
+    payload = b"" if body is None else json.dumps(body).encode()
+    handler.send_response(status)
+    for name, value in {"Content-Type": "application/json", **headers}.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 def serve_in_background(handler, certificate: tuple[Path, Path] | None = None) -> tuple[ThreadingHTTPServer, str]:
     """A ThreadingHTTPServer on a free port of 127.0.0.1 running `handler` in a daemon thread (HTTPS with
     `certificate`, a (cert, key) pair): the server, to shut down, and its base URL."""
@@ -187,14 +198,7 @@ class StandIn:
                 if reply == "hang":
                     stand_in.release.wait(60)  # bounded: the test's own teardown releases it sooner
                     return
-                status, body, headers = reply
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_json(self, *reply)
 
             def log_message(self, *args):
                 pass

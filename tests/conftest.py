@@ -112,13 +112,13 @@ def run_main(main, args, cwd) -> subprocess.CompletedProcess:
             try:
                 main([str(arg) for arg in args])
                 code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+            except SystemExit as stop:  # sys.exit("message") prints it and exits 1, as Python does
                 if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
+                code = 1 if isinstance(stop.code, str) else stop.code or 0
     finally:
         os.chdir(here)
-    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from chat_fixtures import serve_in_background
+from chat_fixtures import send_json, serve_in_background
 
 PROJECT_PATH = "/api/projects/finetune-phi"
 STUDIO_URL = "https://ai.azure.com/resource/build/evaluation/stand-in-run"
@@ -44,14 +44,7 @@ class Recording:
                     body = raw.decode("utf-8", errors="replace")
                 request = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
                 recording.requests.append(request)
-                status, answer, headers = reply(request)
-                payload = b"" if answer is None else json.dumps(answer).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_json(self, *reply(request))
 
             do_GET = do_POST = do_PUT = do_PATCH = handle_any
 

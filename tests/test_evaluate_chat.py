@@ -11,6 +11,7 @@ answers collected before it are kept for the rerun.
 import json
 import re
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -69,9 +70,19 @@ def stopped_with(tmp_path, *flags) -> str:
     return stopped.value.code
 
 
-def answers_kept(tmp_path, name="fine-tuned") -> list[dict]:
+def answers_file(tmp_path, name="fine-tuned") -> Path:
     (found,) = (tmp_path / "evaluations").glob(f"*/answers-{name}.jsonl")
-    return [json.loads(line) for line in found.read_text().splitlines()]
+    return found
+
+
+def answers_kept(tmp_path, name="fine-tuned") -> list[dict]:
+    return [json.loads(line) for line in answers_file(tmp_path, name).read_text().splitlines()]
+
+
+def stop_line(tmp_path, reason: str, kept: int, asked: int) -> str:
+    """The one line evaluate_chat.py stops with when the fine-tuned endpoint fails for `reason`."""
+    return (f"evaluate_chat.py: fine-tuned endpoint: {reason}; {kept} of {asked} answers kept in "
+            f"{evaluate_chat.display(answers_file(tmp_path))}: run the same command again to continue")
 
 
 def test_help_explains_every_flag():
@@ -235,11 +246,8 @@ def test_an_unreachable_endpoint_stops_with_one_line(chats, monkeypatch, tmp_pat
     use_endpoint(monkeypatch, url, "some-key")
     monkeypatch.setattr(flow, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
     message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
-    (answers,) = (tmp_path / "evaluations").glob("*/answers-fine-tuned.jsonl")
-    assert message == (
-        f"evaluate_chat.py: fine-tuned endpoint: could not connect to {url} (after 3 retries): is the endpoint running? "
-        f"{flow.HOW_TO_SET} (ConnectionError); 0 of 2 answers kept in {evaluate_chat.display(answers)}: run the same "
-        "command again to continue")
+    assert message == stop_line(tmp_path, f"could not connect to {url} (after 3 retries): is the endpoint running? "
+                                          f"{flow.HOW_TO_SET} (ConnectionError)", kept=0, asked=2)
 
 
 def test_a_424_from_azures_gateway_keeps_the_answers_and_the_rerun_continues(stand_in, chats, monkeypatch, tmp_path,
@@ -250,11 +258,9 @@ def test_a_424_from_azures_gateway_keeps_the_answers_and_the_rerun_continues(sta
                          (200, ["A later answer."], {}))
     use_endpoint(monkeypatch, endpoint_.url)
     message = stopped_with(tmp_path, "--test-data", chats, "--questions", 5, "--concurrency", 1)
-    (answers,) = (tmp_path / "evaluations").glob("*/answers-fine-tuned.jsonl")
-    assert message == (
-        f"evaluate_chat.py: fine-tuned endpoint: the model behind {endpoint_.url} failed with HTTP 408 (Request timed "
-        f"out): {flow.MODEL_FIXES['408']}; 2 of 5 answers kept in {evaluate_chat.display(answers)}: run the same "
-        "command again to continue")
+    assert message == stop_line(tmp_path, f"the model behind {endpoint_.url} failed with HTTP 408 (Request timed out): "
+                                          f"{flow.MODEL_FIXES['408']}", kept=2, asked=5)
+    answers = answers_file(tmp_path)
     assert [row["line"] for row in answers_kept(tmp_path)] == [0, 1]
     with open(answers, "a") as f:
         f.write('{"line": 2, "query": "an answer cut short by a cr')  # as if the machine had died mid-write
@@ -272,11 +278,8 @@ def test_a_refused_key_stops_with_the_flows_fix(stand_in, chats, monkeypatch, tm
     refusing = stand_in((401, {"message": "Unauthorized"}, {}))
     use_endpoint(monkeypatch, refusing.url)
     message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
-    (answers,) = (tmp_path / "evaluations").glob("*/answers-fine-tuned.jsonl")
-    assert message == (
-        f"evaluate_chat.py: fine-tuned endpoint: the endpoint {refusing.url} answered HTTP 401 Unauthorized "
-        f"(Unauthorized): {flow.FIXES[401]}; 0 of 2 answers kept in {evaluate_chat.display(answers)}: run the same "
-        "command again to continue")
+    assert message == stop_line(tmp_path, f"the endpoint {refusing.url} answered HTTP 401 Unauthorized (Unauthorized): "
+                                          f"{flow.FIXES[401]}", kept=0, asked=2)
 
 
 @pytest.mark.parametrize("content, problem", [
