@@ -60,7 +60,10 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import config
+from billing import deployment_rows
 from ml_client import OPENMPI_IMAGE, get_ml_client
+from preflight import check_quota, deployment_vcpus, size_facts, workspace_location
+from prices import cost_per_day, cost_per_hour
 from serving import REQUEST_TIMEOUT_MS
 
 ROOT = Path(__file__).resolve().parent
@@ -227,16 +230,43 @@ def build_deployment(endpoint_name, deployment_name, model_id, form="transformer
     )
 
 
-def create_or_update_deployment(ml_client, deployment):
-    """Create or update the deployment; on failure print its logs and stop."""
+def check_deployment_quota(ml_client, deployment):
+    """Pre-flight: stop with one line unless the deployment's VM family has the vCPUs it takes, with the reserve."""
+    location = workspace_location(ml_client, config.AZURE_ML_WORKSPACE_NAME)
+    facts = size_facts(ml_client, deployment.instance_type, location)
+    held = 0  # an update in place of a deployment of the same size needs no more than it holds
+    try:
+        existing = ml_client.online_deployments.get(deployment.name, deployment.endpoint_name)
+        if (existing.instance_type or "").lower() == deployment.instance_type.lower():
+            held = deployment_vcpus(existing.instance_count or 0, facts)
+    except ResourceNotFoundError:
+        pass
+    check_quota(ml_client, location, facts, deployment_vcpus(deployment.instance_count, facts) - held,
+                f"deployment {deployment.name} ({deployment.instance_count} x {deployment.instance_type} and Azure's "
+                "20% reserve)", "deploy_model.py")
+
+
+def create_or_update_deployment(ml_client, deployment, delete_command):
+    """Create or update the deployment; on failure print its logs and what still bills, and stop."""
     print(f"Deploying {deployment.name} to {deployment.endpoint_name} on {deployment.instance_type}; "
           "this takes 15-30 minutes for Phi-3.5-mini...")
     try:
         return wait_with_progress(ml_client.online_deployments.begin_create_or_update(deployment), "deployment")
     except HttpResponseError as e:
         print_deployment_logs(ml_client, deployment)
+        print_what_still_bills(ml_client, deployment.endpoint_name, delete_command)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"deploy_model.py: deployment {deployment.name} failed: {reason}")
+
+
+def print_what_still_bills(ml_client, endpoint_name, delete_command):
+    """What the failed or kept endpoint still holds, each with its price an hour, and the command that removes it."""
+    try:
+        rows = deployment_rows(ml_client, endpoint_name)
+    except HttpResponseError as e:
+        rows = [(f"endpoint {endpoint_name} (its deployments could not be listed: {str(e).strip()[:120]})", None)]
+    print(f"Still in the workspace, billing until deleted:\n" + "".join(f"  {text}\n" for text, _ in rows)
+          + f"Remove it: {delete_command}", flush=True)
 
 
 def print_deployment_logs(ml_client, deployment):
@@ -294,7 +324,11 @@ def rehearsal_endpoint_name(endpoint_name: str) -> str:
     return endpoint_name[:22].rstrip("-") + "-rehearsal"
 
 
-def deploy(job_name, form, rehearsal=False, instance_type=None):
+def delete_command(rehearsal: bool) -> str:
+    return "python deploy_model.py" + (" --rehearsal" if rehearsal else "") + " --delete --yes"
+
+
+def deploy(job_name, form, rehearsal=False, instance_type=None, keep=False):
     if not job_name:
         step = "setup_ml.py --rehearsal" if rehearsal else "setup_ml.py"
         sys.exit(f"deploy_model.py: no job to deploy: run `python {step}` first (it records the job in .env) "
@@ -309,31 +343,42 @@ def deploy(job_name, form, rehearsal=False, instance_type=None):
         model_name += "-rehearsal"
     instance_type = instance_type or (REHEARSAL_INSTANCE_TYPE if rehearsal else COMPUTE_INSTANCE_TYPE)
     check_job(ml_client, job_name, form)
+    # Everything is checked before anything is registered, created or billed.
+    check_deployment_quota(ml_client, build_deployment(endpoint_name, deployment_name, None, form, instance_type))
     model = register_model(ml_client, model_name, job_name, form)
     create_or_update_endpoint(ml_client, endpoint_name, "Endpoint for finetuned Phi-3 model")
     deployment = build_deployment(endpoint_name, deployment_name, model.id, form, instance_type)
-    create_or_update_deployment(ml_client, deployment)
+    create_or_update_deployment(ml_client, deployment, delete_command(rehearsal))
     set_traffic_to_deployment(ml_client, endpoint_name, deployment_name)
     if rehearsal:
-        return ask_the_rehearsal(ml_client, endpoint_name)
+        return ask_the_rehearsal(ml_client, endpoint_name, keep)
     save_endpoint_settings(ml_client, endpoint_name)
-    print(f"Done. Endpoint {endpoint_name} serves {deployment_name}; it costs money "
-          "until you run `python deploy_model.py --delete --yes`.")
+    print(f"Done. Endpoint {endpoint_name} serves {deployment_name}; it bills {cost_per_hour(instance_type)}"
+          f"{cost_per_day(instance_type)}, called or not, until you run `{delete_command(False)}`.")
 
 
-def ask_the_rehearsal(ml_client, endpoint_name):
-    """One question through the Prompt flow to the rehearsal endpoint (.env untouched); then how to delete it."""
+def ask_the_rehearsal(ml_client, endpoint_name, keep=False):
+    """One question through the Prompt flow to the rehearsal endpoint (.env untouched); then its endpoint is
+    deleted, unless `keep`."""
     from local.pipeline import ask_the_flow
 
     settings = {
         "AZURE_ML_ENDPOINT": ml_client.online_endpoints.get(name=endpoint_name).scoring_uri,
         "AZURE_ML_API_KEY": ml_client.online_endpoints.get_keys(name=endpoint_name).primary_key,
     }
-    answer = ask_the_flow(REHEARSAL_QUESTION, settings)
+    try:
+        answer = ask_the_flow(REHEARSAL_QUESTION, settings)
+    except SystemExit:  # kept for a look at its logs, and said so
+        print_what_still_bills(ml_client, endpoint_name, delete_command(True))
+        raise
     print(f"\nQ: {REHEARSAL_QUESTION}\nA (the rehearsal's tiny model, through the flow): {answer}")
-    print(f"\nThe rehearsal passed. Endpoint {endpoint_name} costs money while it exists: delete it now with\n"
-          "  python deploy_model.py --rehearsal --delete --yes\n"
-          "Its cluster, cpu-rehearsal, scales to 0 by itself. Next: python setup_ml.py (the A100 job).")
+    if keep:
+        print(f"\nThe rehearsal passed. --keep: endpoint {endpoint_name} stays up.")
+        print_what_still_bills(ml_client, endpoint_name, delete_command(True))
+    else:
+        print(f"\nThe rehearsal passed; its endpoint is no longer needed.")
+        delete_endpoint(ml_client, endpoint_name)
+    print("Its cluster, cpu-rehearsal, scales to 0 by itself. Next: python setup_ml.py (the A100 job).")
     return answer
 
 
@@ -354,6 +399,9 @@ def parse_args(argv=None):
                         help="deploy the rehearsal job's int4 model (AZURE_ML_REHEARSAL_JOB_NAME, from setup_ml.py "
                              f"--rehearsal) to its own endpoint <AZURE_ENDPOINT_NAME>-rehearsal on a "
                              f"{REHEARSAL_INSTANCE_TYPE}, ask it one question through the flow, and print how to delete it")
+    parser.add_argument("--keep", action="store_true",
+                        help="with --rehearsal: keep its endpoint after the question (by default it is deleted once "
+                             "answered; kept, it bills until `--rehearsal --delete --yes`)")
     parser.add_argument("--yes", action="store_true", help="confirm --delete without asking")
     parser.add_argument("--connect", action="store_true",
                         help="only write the live endpoint's scoring URI and primary key into .env (AZURE_ML_ENDPOINT, "
@@ -393,7 +441,8 @@ def main(argv=None):
             delete_endpoint(get_ml_client("AZURE_ENDPOINT_NAME"), name)
         return None
     if args.rehearsal:
-        return deploy(args.job_name or config.AZURE_ML_REHEARSAL_JOB_NAME, args.form, True, args.instance_type)
+        return deploy(args.job_name or config.AZURE_ML_REHEARSAL_JOB_NAME, args.form, True, args.instance_type,
+                      keep=args.keep)
     return deploy(args.job_name or config.AZURE_ML_JOB_NAME, args.form, instance_type=args.instance_type)
 
 

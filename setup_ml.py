@@ -46,6 +46,8 @@ from azure.core.exceptions import ResourceNotFoundError
 
 import config
 from ml_client import OPENMPI_IMAGE, get_ml_client
+from preflight import SizeFacts, check_quota, choose_location, cluster_vcpus, has_gpu, size_facts, workspace_location
+from prices import cost_for, cost_per_hour
 
 ROOT = Path(__file__).resolve().parent
 CONDA_FILE = ROOT / "conda.yml"
@@ -60,6 +62,7 @@ class ComputeProfile:
     instance_type: str
     compute_name: str
     docker_image: str
+    max_hours: float  # the job's time limit (docs/azure-runtime.md says how each was chosen)
 
 
 # Images at fixed tags: conda.yml builds its own Python environment on top, so an image only brings
@@ -67,10 +70,10 @@ class ComputeProfile:
 # Python 3.8); the CPU profile takes ml_client.OPENMPI_IMAGE.
 GPU_IMAGE = "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:127"
 CPU_IMAGE = OPENMPI_IMAGE
-GPU_PROFILE = ComputeProfile("Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", GPU_IMAGE)
-CPU_PROFILE = ComputeProfile("Standard_E16s_v3", "cpu-e16s-v3", CPU_IMAGE)
+GPU_PROFILE = ComputeProfile("Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", GPU_IMAGE, max_hours=4)
+CPU_PROFILE = ComputeProfile("Standard_E16s_v3", "cpu-e16s-v3", CPU_IMAGE, max_hours=6)
 # The rehearsal runs the GPU job's own environment on the smallest cluster that holds it.
-REHEARSAL_PROFILE = ComputeProfile("Standard_DS3_v2", "cpu-rehearsal", GPU_IMAGE)
+REHEARSAL_PROFILE = ComputeProfile("Standard_DS3_v2", "cpu-rehearsal", GPU_IMAGE, max_hours=1)
 REHEARSAL_ROWS = (40, 10)  # train, test
 REHEARSAL_DIR = ROOT / "outputs" / "rehearsal"
 
@@ -110,46 +113,84 @@ def create_or_get_environment(ml_client, docker_image):
     return ml_client.environments.create_or_update(env)
 
 
-def create_or_get_compute_cluster(ml_client, compute_name, instance_type, location, max_instances=1):
+def find_cluster(ml_client, compute_name):
+    """The workspace's cluster of that name, or None."""
+    try:
+        return ml_client.compute.get(compute_name)
+    except ResourceNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """The cluster a job will run on, as the pre-flight found it, before anything is created."""
+
+    name: str
+    size: SizeFacts
+    location: str
+    nodes: int
+    existing: AmlCompute | None
+    gpu: bool  # whether the job must stop when torch sees no GPU
+
+
+def plan_cluster(ml_client, compute_name, instance_type, requested_location, nodes) -> ClusterPlan:
+    """Pre-flight: the cluster's region, size, GPUs and quota; stops with one line when quota is short."""
+    existing = find_cluster(ml_client, compute_name)
+    if existing is not None:
+        location = existing.location or workspace_location(ml_client, config.AZURE_ML_WORKSPACE_NAME)
+        if requested_location and requested_location.replace(" ", "").lower() != location.lower():
+            print(f"setup_ml.py: warning: cluster '{compute_name}' exists in {location}; --location "
+                  f"{requested_location} applies to a new cluster only")
+        instance_type = existing.size
+    else:
+        location = choose_location(ml_client, config.AZURE_ML_WORKSPACE_NAME, requested_location, "setup_ml.py")
+    facts = size_facts(ml_client, instance_type, location)
+    held = (existing.max_instances or 0) if existing is not None else 0  # a cluster holds its quota at 0 nodes
+    check_quota(ml_client, location, facts, cluster_vcpus(max(0, nodes - held), facts),
+                f"cluster '{compute_name}' ({nodes} x {facts.name})", "setup_ml.py")
+    gpu, why = has_gpu(facts)
+    if gpu and not facts.gpus:
+        print(f"setup_ml.py: {why}; the job passes --require_gpu")
+    if existing is not None and (existing.min_instances or 0) > 0:
+        print(f"setup_ml.py: warning: cluster '{compute_name}' keeps {existing.min_instances} node(s) running "
+              f"while idle (min_instances={existing.min_instances}), which bills "
+              f"{cost_per_hour(existing.size, existing.min_instances)} whether a job runs or not; set its "
+              "minimum nodes to 0 in the studio (Compute > Compute clusters > Edit)")
+    return ClusterPlan(compute_name, facts, location, nodes, existing, gpu)
+
+
+def create_or_get_compute_cluster(ml_client, plan: ClusterPlan):
     """
     Create the compute cluster in Azure ML, or reuse it (growing max_instances if a job needs more).
     """
-    try:
-        compute_cluster = ml_client.compute.get(compute_name)
-    except ResourceNotFoundError:
-        print(f"Creating compute cluster '{compute_name}' ({instance_type}, {location}); this takes a few minutes...")
+    compute_cluster = plan.existing
+    if compute_cluster is None:
+        print(f"Creating compute cluster '{plan.name}' ({plan.size.name}, {plan.location}); this takes a few "
+              "minutes...")
         compute_cluster = AmlCompute(
-            name=compute_name,
-            size=instance_type,
-            location=location,
+            name=plan.name,
+            size=plan.size.name,
+            location=plan.location,
             tier="Dedicated",  # Tier of the compute cluster
             min_instances=0,  # scales to zero: no cost while idle
-            max_instances=max_instances,
+            max_instances=plan.nodes,
         )
         return ml_client.compute.begin_create_or_update(compute_cluster).result()
-    print(f"Compute cluster '{compute_name}' already exists. Reusing it for the current run.")
-    if (compute_cluster.max_instances or 0) < max_instances:
-        print(f"Raising its max_instances from {compute_cluster.max_instances} to {max_instances}...")
-        compute_cluster.max_instances = max_instances
+    print(f"Compute cluster '{plan.name}' already exists. Reusing it for the current run.")
+    if (compute_cluster.max_instances or 0) < plan.nodes:
+        print(f"Raising its max_instances from {compute_cluster.max_instances} to {plan.nodes}...")
+        compute_cluster.max_instances = plan.nodes
         compute_cluster = ml_client.compute.begin_create_or_update(compute_cluster).result()
     return compute_cluster
 
 
-def gpus_per_node(ml_client, compute_cluster) -> int:
-    """GPUs of one node of the cluster, from Azure's list of the VM sizes of its region (0 for CPU sizes)."""
-    for size in ml_client.compute.list_sizes(location=compute_cluster.location):
-        if size.name.lower() == compute_cluster.size.lower():
-            return size.gpus or 0
-    print(f"VM size {compute_cluster.size} is not in {compute_cluster.location}'s list of sizes; "
-          "running one process per node")
-    return 0
-
-
 def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), processes_per_node=1, int4=True,
-                           gpus_per_node=0, data=None, inputs=None, display_name="fine-tune-phi-3"):
+                           require_gpu=False, data=None, inputs=None, display_name="fine-tune-phi-3",
+                           max_hours=None):
     """
     Set up the fine-tuning job in Azure ML. `data`: (train, test) files (default: config's); `inputs`:
-    more job inputs, each passed to fine_tune.py as `--NAME ${{inputs.NAME}}` (model_name: --model-name).
+    more job inputs, each passed to fine_tune.py as `--NAME ${{inputs.NAME}}` (model_name: --model-name);
+    `max_hours`: the time limit after which Azure cancels the job.
     """
     train_file, eval_file = data or (config.TRAIN_DATA_PATH, config.TEST_DATA_PATH)
     inputs = inputs or {}
@@ -158,7 +199,7 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), p
     job_command = " ".join(
         fine_tune_command("${{inputs.train_file}}", "${{inputs.eval_file}}", "${{outputs.model_output}}",
                           "${{outputs.quantized_model_output}}" if int4 else None,
-                          JOB_FLAGS + (GPU_JOB_FLAGS if gpus_per_node else ()))
+                          JOB_FLAGS + (GPU_JOB_FLAGS if require_gpu else ()))
         + list(itertools.chain.from_iterable(input_flags))
         + [shlex.quote(arg) for arg in extra_args]
     )
@@ -183,6 +224,7 @@ def create_fine_tuning_job(env, compute_name, instance_count=1, extra_args=(), p
         instance_count=instance_count,
         # One process per GPU; each gets RANK/LOCAL_RANK/WORLD_SIZE, which the trainer uses.
         distribution=PyTorchDistribution(process_count_per_instance=processes_per_node) if distributed else None,
+        timeout=round(max_hours * 3600) if max_hours else None,
     )
 
 
@@ -209,20 +251,28 @@ def submit_and_stream(ml_client, job, stream=True, setting="AZURE_ML_JOB_NAME"):
     return returned_job
 
 
+def print_time_limit(plan: ClusterPlan, max_hours: float) -> None:
+    print(f"Time limit: {max_hours:g} h, after which Azure cancels the job; the most a job that hangs can cost: "
+          f"{cost_for(plan.size.name, max_hours, plan.nodes)}")
+
+
 def run_on_azure(args, extra_args):
     profile = CPU_PROFILE if args.cpu else GPU_PROFILE
     compute_name = args.compute_name or profile.compute_name
-    instance_type = args.compute_size or profile.instance_type
     check_data_files()
     ml_client = get_ml_client()
+    # Everything is checked before anything is created or billed.
+    plan = plan_cluster(ml_client, compute_name, args.compute_size or profile.instance_type, args.location,
+                        args.instance_count)
+    max_hours = args.max_hours or profile.max_hours
 
     env = create_or_get_environment(ml_client, profile.docker_image)
-    cluster = create_or_get_compute_cluster(ml_client, compute_name, instance_type, args.location, args.instance_count)
-    gpus = gpus_per_node(ml_client, cluster)
-    processes = max(1, gpus)
+    cluster = create_or_get_compute_cluster(ml_client, plan)
+    processes = max(1, plan.size.gpus or 1)
     print(f"Training on {args.instance_count} node(s) of {cluster.size}, {processes} process(es) per node (one per GPU)")
+    print_time_limit(plan, max_hours)
     job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes,
-                                 int4=not args.no_int4, gpus_per_node=gpus)
+                                 int4=not args.no_int4, require_gpu=plan.gpu, max_hours=max_hours)
     return submit_and_stream(ml_client, job, stream=not args.no_stream)
 
 
@@ -250,15 +300,18 @@ def rehearse_on_azure(args, extra_args):
     check_data_files()
     profile = replace(REHEARSAL_PROFILE, compute_name=args.compute_name or REHEARSAL_PROFILE.compute_name,
                       instance_type=args.compute_size or REHEARSAL_PROFILE.instance_type)
-    model, train, test = write_rehearsal_inputs(REHEARSAL_DIR)
     ml_client = get_ml_client()
+    plan = plan_cluster(ml_client, profile.compute_name, profile.instance_type, args.location, 1)
+    max_hours = args.max_hours or profile.max_hours
+    model, train, test = write_rehearsal_inputs(REHEARSAL_DIR)
     env = create_or_get_environment(ml_client, profile.docker_image)
-    cluster = create_or_get_compute_cluster(ml_client, profile.compute_name, profile.instance_type, args.location)
+    cluster = create_or_get_compute_cluster(ml_client, plan)
     print(f"Rehearsing on {cluster.size} with a tiny Phi-3 and {sum(REHEARSAL_ROWS)} rows of {config.TRAIN_DATA_PATH} "
           f"and {config.TEST_DATA_PATH}")
+    print_time_limit(plan, max_hours)
     job = create_fine_tuning_job(
         env, profile.compute_name, extra_args=[*TINY_TRAINING_FLAGS, *extra_args],
-        gpus_per_node=gpus_per_node(ml_client, cluster), display_name="fine-tune-phi-3-rehearsal",
+        require_gpu=plan.gpu, display_name="fine-tune-phi-3-rehearsal", max_hours=max_hours,
         data=(train, test), inputs={"model_name": Input(type="uri_folder", path=str(model))},
     )
     job = submit_and_stream(ml_client, job, stream=not args.no_stream, setting="AZURE_ML_REHEARSAL_JOB_NAME")
@@ -306,7 +359,12 @@ def parse_args(argv=None):
     parser.add_argument("--compute-size", help="VM size of a new cluster (default: Standard_NC24ads_A100_v4, or "
                         "Standard_E16s_v3 with --cpu); a size with several GPUs, e.g. Standard_NC96ads_A100_v4, "
                         "runs one training process per GPU")
-    parser.add_argument("--location", default="eastus2", help="region of a new compute cluster (default: eastus2)")
+    parser.add_argument("--location", default=None, help="region of a new compute cluster (default: the workspace's "
+                        "region; another region gets a warning, and the quota checked is that region's)")
+    parser.add_argument("--max-hours", type=float, default=None,
+                        help="time limit of the job, after which Azure cancels it and its nodes stop billing "
+                             f"(default: {GPU_PROFILE.max_hours:g} on the A100, {CPU_PROFILE.max_hours:g} with --cpu, "
+                             f"{REHEARSAL_PROFILE.max_hours:g} with --rehearsal)")
     parser.add_argument("--instance-count", type=int, default=1,
                         help="nodes to train on with PyTorch distribution; the cluster's max_instances follows (default: 1)")
     parser.add_argument("--no-stream", action="store_true", help="submit the job and return without streaming its logs")
@@ -334,6 +392,8 @@ def parse_args(argv=None):
         extra = ["--model-name", args.model_name, *extra]
     if args.instance_count < 1:
         parser.error("--instance-count must be at least 1")
+    if args.max_hours is not None and args.max_hours <= 0:
+        parser.error("--max-hours must be more than 0")
     return args, extra
 
 

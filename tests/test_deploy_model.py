@@ -2,14 +2,15 @@
 
 import copy
 import os
+import sys
 
 import pytest
 import yaml
 from azure.ai.ml import Output
-from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineEndpoint
+from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineEndpoint, Workspace
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from azure_fakes import mocked_ml_client, poller
+from azure_fakes import listed_size, listed_usage, mocked_ml_client, poller
 from conftest import ROOT, run_script
 
 import config  # noqa: I001  (the same module object the scripts hold)
@@ -43,6 +44,23 @@ class Live:
     def __init__(self, endpoint=None):
         self.endpoint = endpoint
         self.bodies = []  # every endpoint PUT, as its REST body
+        self.deployments = {}  # name: deployment, as the service keeps them
+        self.deployment_error = None  # set to make the next deployment fail
+
+    def delete(self, name):
+        self.endpoint, self.deployments = None, {}
+        return poller(None)
+
+    def put_deployment(self, deployment):
+        stored = copy.deepcopy(deployment)
+        stored._provisioning_state = "Failed" if self.deployment_error else "Succeeded"
+        self.deployments[deployment.name] = stored
+        return poller(error=self.deployment_error) if self.deployment_error else poller(deployment, polls_before_done=3)
+
+    def get_deployment(self, name, endpoint_name):
+        if name not in self.deployments:
+            raise ResourceNotFoundError(f"deployment {name} not found")
+        return copy.deepcopy(self.deployments[name])
 
     def get(self, name):
         if self.endpoint is None:
@@ -65,11 +83,20 @@ def workspace(tmp_path, monkeypatch):
     client = mocked_ml_client()
     client.jobs.get.return_value = completed_job()
     client.models.create_or_update.side_effect = lambda model: registered(model)
-    client.online_deployments.begin_create_or_update.side_effect = lambda d: poller(d, polls_before_done=3)
     client.online_endpoints.get_keys.return_value = EndpointAuthKeys(primary_key="pk-123", secondary_key="sk-456")
     live = Live()
     client.online_endpoints.get.side_effect = lambda name: live.get(name)
     client.online_endpoints.begin_create_or_update.side_effect = live.put
+    client.online_endpoints.begin_delete.side_effect = lambda name: live.delete(name)
+    client.online_deployments.begin_create_or_update.side_effect = live.put_deployment
+    client.online_deployments.get.side_effect = live.get_deployment
+    client.online_deployments.list.side_effect = lambda endpoint_name: list(live.deployments.values())
+    client.workspaces.get.return_value = Workspace(name="finetunephi-workspace", location="eastus2")
+    client.compute.list_sizes.return_value = [listed_size("Standard_E4s_v3", "standardESv3Family", 4),
+                                              listed_size("Standard_DS1_v2", "standardDSv2Family", 1),
+                                              listed_size("Standard_DS2_v2", "standardDSv2Family", 2)]
+    client.compute.list_usage.return_value = [listed_usage("standardESv3Family", used=0, limit=10),
+                                              listed_usage("standardDSv2Family", used=0, limit=10)]
     client.live = live
     monkeypatch.setattr(deploy_model, "get_ml_client", lambda *needed: client)
     yield client
@@ -143,7 +170,10 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     assert f"AZURE_ML_ENDPOINT={SCORING_URI}\n" in env and "AZURE_ML_API_KEY=pk-123\n" in env
     out = capsys.readouterr().out
     assert "deployment: still running after" in out  # progress while waiting
-    assert "--delete --yes" in out  # the cost reminder
+    assert ("Quota: deployment finetune-phi-deployment (1 x Standard_E4s_v3 and Azure's 20% reserve) needs 8 "
+            "standardESv3Family vCPUs in eastus2; there is room.") in out
+    assert ("it bills US$0.25/h (1 x Standard_E4s_v3, East US list price 2026-11), US$6.00 a day, called or not, "
+            "until you run `python deploy_model.py --delete --yes`.") in out
 
 
 def test_form_transformers_deploys_the_model_as_trained(workspace):
@@ -247,9 +277,7 @@ def test_unknown_job_is_named(workspace):
 
 
 def test_failed_deployment_prints_its_logs_and_exits_non_zero(workspace, tmp_path, capsys):
-    workspace.online_deployments.begin_create_or_update.side_effect = lambda d: poller(
-        error=HttpResponseError(message="ResourceNotReady: User container has crashed or terminated.")
-    )
+    workspace.live.deployment_error = HttpResponseError(message="ResourceNotReady: User container has crashed or terminated.")
     workspace.online_deployments.get_logs.return_value = "Traceback ... torch.OutOfMemoryError"
     with pytest.raises(SystemExit) as stop:
         deploy_model.main([])
@@ -260,7 +288,14 @@ def test_failed_deployment_prints_its_logs_and_exits_non_zero(workspace, tmp_pat
     workspace.online_deployments.get_logs.assert_called_once_with(
         "finetune-phi-deployment", "finetune-phi-endpoint", lines=100
     )
-    assert "torch.OutOfMemoryError" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "torch.OutOfMemoryError" in err
+    # What is left billing, its price, and the one command that removes it.
+    assert ("Still in the workspace, billing until deleted:\n"
+            "  endpoint finetune-phi-endpoint, deployment finetune-phi-deployment, Failed: US$0.25/h "
+            "(1 x Standard_E4s_v3, East US list price 2026-11)\n"
+            "Remove it: python deploy_model.py --delete --yes\n") in out
+    workspace.online_deployments.list.assert_called_with("finetune-phi-endpoint")
     assert len(workspace.live.bodies) == 1, "no traffic is routed to a failed deployment"
     assert not (tmp_path / ".env").exists()
 
@@ -303,15 +338,22 @@ def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_
     # One question through the flow, at the rehearsal's endpoint; .env keeps what it had.
     assert asked == [("Who founded Microsoft?", {"AZURE_ML_ENDPOINT": SCORING_URI, "AZURE_ML_API_KEY": "pk-123"})]
     assert not (tmp_path / ".env").exists()
-    out = capsys.readouterr().out
-    assert "python deploy_model.py --rehearsal --delete --yes" in out
-
-    workspace.online_endpoints.begin_delete.return_value = poller(None)
-    deploy_model.main(["--rehearsal", "--delete", "--yes"])
+    # Answered, so its endpoint is deleted at once: nothing is left billing.
     workspace.online_endpoints.begin_delete.assert_called_once_with(name="finetune-phi-endpoint-rehearsal")
+    assert workspace.live.endpoint is None
+    assert "Deleted endpoint finetune-phi-endpoint-rehearsal." in capsys.readouterr().out
 
-    deploy_model.main(["--rehearsal", "--instance-type", "Standard_DS2_v2"])  # the next size up
+    deploy_model.main(["--rehearsal", "--instance-type", "Standard_DS2_v2", "--keep"])  # the next size up, kept
     assert deployment_body(workspace)["properties"]["instanceType"] == "Standard_DS2_v2"
+    workspace.online_endpoints.begin_delete.assert_called_once()  # not again
+    out = capsys.readouterr().out
+    assert ("--keep: endpoint finetune-phi-endpoint-rehearsal stays up.\nStill in the workspace, billing until "
+            "deleted:\n  endpoint finetune-phi-endpoint-rehearsal, deployment rehearsal, Succeeded: US$0.15/h "
+            "(1 x Standard_DS2_v2, East US list price 2026-11)\n"
+            "Remove it: python deploy_model.py --rehearsal --delete --yes\n") in out
+
+    deploy_model.main(["--rehearsal", "--delete", "--yes"])
+    assert workspace.online_endpoints.begin_delete.call_count == 2 and workspace.live.endpoint is None
 
 
 def test_rehearsal_endpoint_names_keep_azures_rule():
@@ -380,3 +422,59 @@ def test_mocks_reject_what_the_sdk_would():
         client.online_endpoints.delete  # noqa: B018  (only begin_delete exists)
     with pytest.raises(TypeError):
         client.online_deployments.get_logs("d", "e", lines=10, colour=True)
+
+
+def nothing_registered_or_created(client):
+    client.models.create_or_update.assert_not_called()
+    client.online_endpoints.begin_create_or_update.assert_not_called()
+    client.online_deployments.begin_create_or_update.assert_not_called()
+
+
+@pytest.mark.parametrize("argv, family, needed, used", [
+    ([], "standardESv3Family", 8, 3),  # one E4s_v3 takes 8: 2 instances with the reserve, 4 vCPUs each
+    (["--rehearsal"], "standardDSv2Family", 2, 9),  # one DS1_v2: 2 instances x 1 vCPU
+])
+def test_short_quota_stops_the_deployment_before_anything_is_registered(workspace, monkeypatch, argv, family,
+                                                                        needed, used):
+    monkeypatch.setattr(config, "AZURE_ML_REHEARSAL_JOB_NAME", "calm_kiwi_7")
+    workspace.compute.list_usage.return_value = [listed_usage(family, used=used, limit=10)]
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main(argv)
+    name = "rehearsal" if argv else "finetune-phi-deployment"
+    size = "Standard_DS1_v2" if argv else "Standard_E4s_v3"
+    assert str(stop.value) == (
+        f"deploy_model.py: not enough quota for deployment {name} (1 x {size} and Azure's 20% reserve): {family} in "
+        f"eastus2 needs {needed} vCPUs, {10 - used} available ({used} of 10 in use); request more at "
+        "https://ml.azure.com/quota (Quota, the subscription, the family, Request quota), or choose another size "
+        "or region"
+    )
+    workspace.compute.list_usage.assert_called_once_with(location="eastus2")
+    nothing_registered_or_created(workspace)
+
+
+def test_an_update_in_place_needs_no_more_quota_than_the_deployment_holds(workspace):
+    deploy_model.main([])  # the first deployment takes 8 of the 10
+    workspace.compute.list_usage.return_value = [listed_usage("standardESv3Family", used=8, limit=10),
+                                                 listed_usage("standardDSv2Family", used=8, limit=10)]
+    deploy_model.main([])  # an update of the same size: no more
+    assert workspace.online_deployments.begin_create_or_update.call_count == 2
+    with pytest.raises(SystemExit) as stop:  # another size needs its own
+        deploy_model.main(["--instance-type", "Standard_DS2_v2"])
+    assert ": standardDSv2Family in eastus2 needs 4 vCPUs, 2 available (8 of 10 in use)" in str(stop.value)
+    assert workspace.online_deployments.begin_create_or_update.call_count == 2
+
+
+def test_a_rehearsal_whose_question_fails_keeps_its_endpoint_and_says_what_it_costs(workspace, monkeypatch, capsys):
+    monkeypatch.setattr(config, "AZURE_ML_REHEARSAL_JOB_NAME", "calm_kiwi_7")
+
+    def failing_flow(question, settings):
+        sys.exit("local pipeline: the flow failed: HTTP 424 from the endpoint")
+
+    monkeypatch.setattr("local.pipeline.ask_the_flow", failing_flow)
+    with pytest.raises(SystemExit) as stop:
+        deploy_model.main(["--rehearsal"])
+    assert str(stop.value) == "local pipeline: the flow failed: HTTP 424 from the endpoint"
+    workspace.online_endpoints.begin_delete.assert_not_called()  # kept, to read its logs
+    assert ("Still in the workspace, billing until deleted:\n  endpoint finetune-phi-endpoint-rehearsal, deployment "
+            "rehearsal, Succeeded: US$0.07/h (1 x Standard_DS1_v2, East US list price 2026-11)\n"
+            "Remove it: python deploy_model.py --rehearsal --delete --yes") in capsys.readouterr().out

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import yaml
-from azure.ai.ml.entities import AmlCompute, Environment, JobService, VmSize
+from azure.ai.ml.entities import AmlCompute, Environment, JobService, Workspace
 from azure.ai.ml.exceptions import ErrorTarget, JobException
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.identity import AzureCliCredential, CredentialUnavailableError
 
-from azure_fakes import mocked_ml_client, poller
+from azure_fakes import listed_size, listed_usage, mocked_ml_client, poller
 from conftest import ROOT, TINY_TRAINING_FLAGS, run_main, run_script
 
 import config  # noqa: I001  (the same module object the scripts hold)
@@ -44,12 +44,13 @@ def workspace(tmp_path, monkeypatch, chat_files):
     client.compute.get.side_effect = ResourceNotFoundError("not found")
     client.compute.begin_create_or_update.side_effect = lambda compute: poller(compute)
     # Azure's list of VM sizes of a region, as list_sizes returns it (an excerpt).
-    client.compute.list_sizes.return_value = [
-        VmSize(name="Standard_DS3_v2", v_cp_us=4, gpus=0),
-        VmSize(name="Standard_E16s_v3", v_cp_us=16, gpus=0),
-        VmSize(name="Standard_NC24ads_A100_v4", v_cp_us=24, gpus=1),
-        VmSize(name="Standard_NC48ads_A100_v4", v_cp_us=48, gpus=2),
-        VmSize(name="Standard_NC96ads_A100_v4", v_cp_us=96, gpus=4),
+    client.compute.list_sizes.return_value = SIZES
+    # The workspace and the subscription's quota in its region, with room for every profile.
+    client.workspaces.get.return_value = Workspace(name="finetunephi-workspace", location="eastus2")
+    client.compute.list_usage.return_value = [
+        listed_usage("standardDSv2Family", used=0, limit=10),
+        listed_usage("standardESv3Family", used=0, limit=32),
+        listed_usage("standardNCADSA100v4Family", used=0, limit=96),
     ]
     # What jobs.create_or_update returns: the job, now with a name and a studio URL.
     client.jobs.create_or_update.side_effect = lambda job: _named(job, "shy_lamp_42")
@@ -59,6 +60,15 @@ def workspace(tmp_path, monkeypatch, chat_files):
     yield client
     for name in ("AZURE_ML_JOB_NAME", "AZURE_ML_REHEARSAL_JOB_NAME"):
         os.environ.pop(name, None)  # save_settings() exported it
+
+
+SIZES = [
+    listed_size("Standard_DS3_v2", "standardDSv2Family", 4),
+    listed_size("Standard_E16s_v3", "standardESv3Family", 16),
+    listed_size("Standard_NC24ads_A100_v4", "standardNCADSA100v4Family", 24, gpus=1),
+    listed_size("Standard_NC48ads_A100_v4", "standardNCADSA100v4Family", 48, gpus=2),
+    listed_size("Standard_NC96ads_A100_v4", "standardNCADSA100v4Family", 96, gpus=4),
+]
 
 
 def _named(job, name):
@@ -182,7 +192,27 @@ def test_cpu_and_unknown_sizes_run_one_process(workspace, capsys):
     assert "distribution" not in submitted_job_body(workspace)
     setup_ml.main(["--compute-size", "Standard_XYZ_v9"])
     assert "distribution" not in submitted_job_body(workspace)
-    assert "Standard_XYZ_v9 is not in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Standard_XYZ_v9 is not in eastus2's list of VM sizes, so its quota cannot be checked; going on" in out
+
+
+@pytest.mark.parametrize("size, listed, require_gpu, said", [
+    ("Standard_NC24ads_A100_v4", True, True, None),  # the list says 1 GPU
+    ("Standard_DS3_v2", True, False, None),  # the list says no GPU
+    ("Standard_ND96isr_H100_v5", False, True, "Standard_ND96isr_H100_v5 is an N-series (GPU) size; the job passes --require_gpu"),
+    ("Standard_NV36ads_A10_v5", False, True, "Standard_NV36ads_A10_v5 is an N-series (GPU) size"),
+    ("Standard_E8s_v5", False, False, None),  # a CPU-only series, even when not listed
+    ("Standard_XYZ_v9", False, True, "Standard_XYZ_v9 cannot be classified as a GPU or CPU size, so the GPU check stays on"),
+    ("my_own_size", False, True, "my_own_size cannot be classified as a GPU or CPU size, so the GPU check stays on"),
+])
+def test_the_gpu_check_is_decided_from_the_size_and_never_dropped_silently(workspace, capsys, size, listed,
+                                                                           require_gpu, said):
+    assert any(s.name == size for s in SIZES) == listed
+    setup_ml.main(["--compute-size", size])
+    assert ("--require_gpu" in submitted_job_body(workspace)["command"]) == require_gpu
+    out = capsys.readouterr().out
+    if said:
+        assert said in out
 
 
 def test_fine_tune_flags_and_model_name_reach_the_job_command(workspace):
@@ -392,3 +422,126 @@ def test_the_gpu_jobs_command_stops_at_once_on_a_machine_without_a_gpu(workspace
     assert "torch.version.cuda = " in line and "torch.cuda.device_count() = 0" in line
     assert line.endswith("or drop --require_gpu to train on the CPU")
     assert not any(folder.exists() for folder in outputs.values())
+
+
+def nothing_created(client):
+    client.environments.create_or_update.assert_not_called()
+    client.compute.begin_create_or_update.assert_not_called()
+    client.jobs.create_or_update.assert_not_called()
+
+
+LIMITS = {"standardDSv2Family": 10, "standardESv3Family": 32, "standardNCADSA100v4Family": 24}
+
+
+@pytest.mark.parametrize("argv, cluster, family, needed", [
+    ([], "gpu-nc24s-a100-v4' (1 x Standard_NC24ads_A100_v4)", "standardNCADSA100v4Family", 24),
+    (["--cpu"], "cpu-e16s-v3' (1 x Standard_E16s_v3)", "standardESv3Family", 16),
+    (["--rehearsal"], "cpu-rehearsal' (1 x Standard_DS3_v2)", "standardDSv2Family", 4),
+    (["--instance-count", "2"], "gpu-nc24s-a100-v4' (2 x Standard_NC24ads_A100_v4)", "standardNCADSA100v4Family", 48),
+])
+def test_short_quota_stops_before_anything_is_created(workspace, argv, cluster, family, needed):
+    # Every family at its limit but for 3 vCPUs (most subscriptions start with 0 A100 vCPUs at all).
+    workspace.compute.list_usage.return_value = [listed_usage(name, used=limit - 3, limit=limit)
+                                                 for name, limit in LIMITS.items()]
+    with pytest.raises(SystemExit) as stop:
+        setup_ml.main(argv)
+    assert str(stop.value) == (
+        f"setup_ml.py: not enough quota for cluster '{cluster}: {family} in eastus2 needs {needed} vCPUs, "
+        f"3 available ({LIMITS[family] - 3} of {LIMITS[family]} in use); request more at https://ml.azure.com/quota "
+        "(Quota, the subscription, the family, Request quota), or choose another size or region"
+    )
+    workspace.compute.list_usage.assert_called_once_with(location="eastus2")
+    nothing_created(workspace)
+
+
+def test_a_workspaces_share_of_a_family_is_not_the_subscriptions_quota(workspace):
+    # list_usage also returns each workspace's own usage of a family; only the subscription's counts.
+    workspace.compute.list_usage.return_value = [
+        listed_usage("standardNCADSA100v4Family", used=0, limit=96, workspace="finetunephi-workspace"),
+        listed_usage("standardNCADSA100v4Family", used=0, limit=0),
+    ]
+    with pytest.raises(SystemExit) as stop:
+        setup_ml.main([])
+    assert "needs 24 vCPUs, 0 available (0 of 0 in use)" in str(stop.value)
+    nothing_created(workspace)
+
+
+def test_the_regions_total_counts_and_low_priority_entries_do_not(workspace):
+    workspace.compute.list_usage.return_value = [
+        listed_usage("standardNCADSA100v4Family", used=0, limit=0, kind="lowPriorityCores",
+                     label="Standard NCADSA100v4 Family Cluster LowPriority vCPUs"),
+        listed_usage("standardNCADSA100v4Family", used=0, limit=24),
+        listed_usage("TotalDedicatedCores", used=90, limit=100, kind="totalCores",
+                     label="Total Cluster Dedicated Regional vCPUs"),
+    ]
+    with pytest.raises(SystemExit) as stop:
+        setup_ml.main([])
+    assert "for cluster 'gpu-nc24s-a100-v4' (1 x Standard_NC24ads_A100_v4): all families in eastus2 needs 24 " \
+           "vCPUs, 10 available (90 of 100 in use)" in str(stop.value)
+    nothing_created(workspace)
+
+
+def test_an_existing_cluster_already_holds_its_quota(workspace, capsys):
+    # A cluster holds its quota even at 0 nodes: reusing it needs no more, growing it needs the difference.
+    workspace.compute.list_usage.return_value = [listed_usage("standardNCADSA100v4Family", used=24, limit=24)]
+    workspace.compute.get.side_effect = None
+    workspace.compute.get.return_value = AmlCompute(name="gpu-nc24s-a100-v4", size="Standard_NC24ads_A100_v4",
+                                                    location="eastus2", max_instances=1)
+    setup_ml.main([])
+    workspace.jobs.create_or_update.assert_called_once()
+    with pytest.raises(SystemExit) as stop:
+        setup_ml.main(["--instance-count", "2"])
+    assert "needs 24 vCPUs, 0 available (24 of 24 in use)" in str(stop.value)
+
+
+def test_an_unreadable_quota_list_is_said_in_one_line_and_the_run_goes_on(workspace, capsys):
+    workspace.compute.list_usage.side_effect = HttpResponseError(
+        message="(AuthorizationFailed) The client has no authorization to perform action "
+                "'Microsoft.MachineLearningServices/locations/usages/read'\nCode: AuthorizationFailed")
+    setup_ml.main([])
+    assert ("setup_ml.py: could not read Azure's quota list for eastus2 ((AuthorizationFailed) The client has no "
+            "authorization to perform action 'Microsoft.MachineLearningServices/locations/usages/read'); going on "
+            "without the quota check\n") in capsys.readouterr().out
+    workspace.jobs.create_or_update.assert_called_once()
+
+
+def test_the_cluster_goes_to_the_workspaces_region_unless_told_otherwise(workspace, capsys):
+    workspace.workspaces.get.return_value = Workspace(name="finetunephi-workspace", location="swedencentral")
+    workspace.compute.list_usage.return_value = [listed_usage("standardNCADSA100v4Family", 0, 24, "swedencentral"),
+                                                 listed_usage("standardNCADSA100v4Family", 0, 24, "westus3")]
+    setup_ml.main([])
+    workspace.workspaces.get.assert_called_with("finetunephi-workspace")
+    assert created_compute_body(workspace)["location"] == "swedencentral"
+    workspace.compute.list_usage.assert_called_with(location="swedencentral")
+    workspace.compute.list_sizes.assert_called_with(location="swedencentral")
+    assert "warning" not in capsys.readouterr().out
+
+    setup_ml.main(["--location", "westus3"])
+    assert created_compute_body(workspace)["location"] == "westus3"
+    workspace.compute.list_usage.assert_called_with(location="westus3")
+    assert ("setup_ml.py: warning: --location westus3 is not the workspace's region (swedencentral); the cluster's "
+            "data and logs cross regions, and its quota is that region's") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, timeout, cost", [
+    ([], "PT4H", "US$14.68 (4 h x 1 x Standard_NC24ads_A100_v4 at US$3.67/h, East US list price 2026-11)"),
+    (["--max-hours", "2.5"], "PT2H30M", "US$9.18 (2.5 h x 1 x Standard_NC24ads_A100_v4"),
+    (["--instance-count", "2"], "PT4H", "US$29.36 (4 h x 2 x Standard_NC24ads_A100_v4"),
+    (["--cpu"], "PT6H", "US$6.05 (6 h x 1 x Standard_E16s_v3 at US$1.01/h"),
+    (["--rehearsal"], "PT1H", "US$0.29 (1 h x 1 x Standard_DS3_v2 at US$0.29/h"),
+])
+def test_every_job_has_a_time_limit_and_says_what_a_hung_job_can_cost(workspace, capsys, argv, timeout, cost):
+    setup_ml.main([*argv, "--no-stream"])
+    assert submitted_job_body(workspace)["limits"] == {"jobLimitsType": "Command", "timeout": timeout}
+    out = capsys.readouterr().out
+    assert "after which Azure cancels the job; the most a job that hangs can cost: " + cost in out
+
+
+def test_a_reused_cluster_that_keeps_nodes_running_is_warned_about_with_its_cost(workspace, capsys):
+    workspace.compute.get.side_effect = None
+    workspace.compute.get.return_value = AmlCompute(name="gpu-nc24s-a100-v4", size="Standard_NC24ads_A100_v4",
+                                                    location="eastus2", min_instances=1, max_instances=1)
+    setup_ml.main(["--no-stream"])
+    assert ("setup_ml.py: warning: cluster 'gpu-nc24s-a100-v4' keeps 1 node(s) running while idle (min_instances=1), "
+            "which bills US$3.67/h (1 x Standard_NC24ads_A100_v4, East US list price 2026-11) whether a job runs or "
+            "not; set its minimum nodes to 0 in the studio") in capsys.readouterr().out

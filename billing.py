@@ -1,0 +1,92 @@
+"""What in the Azure ML workspace bills now, and what each costs an hour.
+
+Lists the workspace's managed online endpoints with their deployments (VM size and instance count,
+billed for as long as they exist, called or not), its compute clusters with their current and
+minimum nodes (a cluster bills for the nodes it has; min_instances above 0 keeps them while idle),
+and compute instances that are running. Prices are list prices with their date (prices.py).
+
+    python billing.py
+"""
+
+import argparse
+import sys
+
+from azure.core.exceptions import HttpResponseError
+
+from ml_client import get_ml_client
+from prices import PRICES_AS_OF, PRICE_REGION, cost_per_hour, hourly
+
+
+def deployment_rows(ml_client, endpoint_name: str) -> list[tuple[str, float | None]]:
+    """One row per deployment of the endpoint: what it is, and its US$/h (None when the price is unknown)."""
+    rows = []
+    for deployment in ml_client.online_deployments.list(endpoint_name):
+        count = deployment.instance_count or 0
+        state = f", {deployment.provisioning_state}" if deployment.provisioning_state else ""
+        rows.append((f"endpoint {endpoint_name}, deployment {deployment.name}{state}: "
+                     f"{cost_per_hour(deployment.instance_type, count)}", rate(deployment.instance_type, count)))
+    if not rows:
+        rows.append((f"endpoint {endpoint_name}: no deployment (an endpoint alone bills nothing)", 0.0))
+    return rows
+
+
+def cluster_rows(ml_client) -> list[tuple[str, float | None]]:
+    """Clusters, with their nodes now and their minimum; running compute instances."""
+    rows = []
+    for compute in ml_client.compute.list():
+        kind = (compute.type or "").lower()
+        if kind == "amlcompute":
+            nodes = len(list(ml_client.compute.list_nodes(compute.name)))
+            minimum = compute.min_instances or 0
+            keeps = f"; min_instances={minimum} keeps them while idle" if minimum else ""
+            rows.append((f"cluster {compute.name}: {nodes} node(s) now{keeps}: {cost_per_hour(compute.size, nodes)}",
+                         rate(compute.size, nodes)))
+        elif kind == "computeinstance" and (compute.state or "").lower() == "running":
+            rows.append((f"compute instance {compute.name}, running: {cost_per_hour(compute.size)}",
+                         rate(compute.size, 1)))
+    return rows
+
+
+def rate(size: str, count: float) -> float | None:
+    price = hourly(size)
+    return None if price is None else price * count
+
+
+def billing_rows(ml_client) -> list[tuple[str, float | None]]:
+    rows = []
+    for endpoint in ml_client.online_endpoints.list():
+        rows += deployment_rows(ml_client, endpoint.name)
+    return rows + cluster_rows(ml_client)
+
+
+def print_billing(rows) -> None:
+    for text, _ in rows:
+        print(f"  {text}")
+    known = sum(r for _, r in rows if r)
+    unknown = " plus the sizes whose price is not in the table" if any(r is None for _, r in rows) else ""
+    print(f"Now: US${known:,.2f}/h{unknown} (US${known * 24:,.2f} a day), {PRICE_REGION} list prices "
+          f"{PRICES_AS_OF}; storage and the container registry come on top (docs/azure-runtime.md)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    parse_args(argv)
+    ml_client = get_ml_client()
+    try:
+        rows = billing_rows(ml_client)
+    except HttpResponseError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"billing.py: could not list the workspace's endpoints and computes ({reason})")
+    print("What bills in the workspace now:" if rows else "Nothing in the workspace bills by the hour now.")
+    print_billing(rows)
+    print("Undo: python deploy_model.py --delete --yes (and --rehearsal --delete --yes) for endpoints; a cluster's "
+          "minimum nodes to 0 (or delete it) and stop compute instances in the studio (Compute)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
