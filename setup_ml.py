@@ -65,11 +65,17 @@ class ComputeProfile:
     max_hours: float  # the job's time limit (docs/azure-runtime.md says how each was chosen)
 
 
-# Images at fixed tags: conda.yml builds its own Python environment on top, so an image only brings
-# the OS and conda. acft-hf-nlp-gpu:127 is Ubuntu 22.04 (the tutorial's :59 is Ubuntu 20.04 and
-# Python 3.8); the CPU profile takes ml_client.OPENMPI_IMAGE.
-GPU_IMAGE = "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:127"
+# Images at fixed tags: conda.yml builds its own Python environment on top, so an image only brings the
+# OS, conda and, for a GPU, CUDA's user libraries and the NVIDIA container settings. The GPU job takes
+# Azure ML's supported base image whose CUDA (12.8.1) is torch 2.10's own, so no older cuBLAS from the
+# image can shadow the wheel's (docs/azure-runtime.md, "Images"); the CPU profile takes ml_client.OPENMPI_IMAGE.
+GPU_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.8-ubuntu24.04:20260715.v1"
 CPU_IMAGE = OPENMPI_IMAGE
+# Azure ML's own copy of the base model (an MLflow model in its hftransformersv2 layout, data/model and
+# data/tokenizer), which a job mounts read-only instead of downloading 7.6 GB from the Hugging Face Hub.
+# Version 6 is the newest azureml-assets publishes; Azure archived it on 2026-06-02 (archived models stay
+# usable by their full id), so the Hub stays the default (docs/azure-runtime.md, "The base model").
+REGISTRY_BASE_MODEL = "azureml://registries/azureml/models/Phi-3.5-mini-instruct/versions/6"
 GPU_PROFILE = ComputeProfile("Standard_NC24ads_A100_v4", "gpu-nc24s-a100-v4", GPU_IMAGE, max_hours=4)
 CPU_PROFILE = ComputeProfile("Standard_E16s_v3", "cpu-e16s-v3", CPU_IMAGE, max_hours=6)
 # The rehearsal runs the GPU job's own environment on the smallest cluster that holds it.
@@ -271,8 +277,12 @@ def run_on_azure(args, extra_args):
     processes = max(1, plan.size.gpus or 1)
     print(f"Training on {args.instance_count} node(s) of {cluster.size}, {processes} process(es) per node (one per GPU)")
     print_time_limit(plan, max_hours)
+    inputs = {}
+    if args.base_model == "registry":
+        print(f"Base model: {REGISTRY_BASE_MODEL}, mounted read-only")
+        inputs["model_name"] = Input(type="mlflow_model", path=REGISTRY_BASE_MODEL, mode="ro_mount")
     job = create_fine_tuning_job(env, compute_name, args.instance_count, extra_args, processes,
-                                 int4=not args.no_int4, require_gpu=plan.gpu, max_hours=max_hours)
+                                 int4=not args.no_int4, require_gpu=plan.gpu, max_hours=max_hours, inputs=inputs)
     return submit_and_stream(ml_client, job, stream=not args.no_stream)
 
 
@@ -373,6 +383,11 @@ def parse_args(argv=None):
                              "quantized_model_output; with --local, outputs/models/<run>/model-int4)")
     parser.add_argument("--model-name", help="model to fine-tune, passed to fine_tune.py (default: "
                         "microsoft/Phi-3.5-mini-instruct on Azure; a tiny Phi-3 built on the spot with --local)")
+    parser.add_argument("--base-model", choices=("hub", "registry"), default="hub",
+                        help="where the job takes microsoft/Phi-3.5-mini-instruct from: hub (the Hugging Face Hub, "
+                             "downloaded by the job, as the tutorial does) or registry (Azure ML's own copy, "
+                             f"{REGISTRY_BASE_MODEL}, mounted read-only: no 7.6 GB download, and it works in a "
+                             "workspace whose network blocks outbound traffic) (default: hub)")
     parser.add_argument("--rehearsal", action="store_true",
                         help="submit the same job for cents first: the same environment, code, outputs, int4 "
                              "conversion and MLflow logging, with a tiny Phi-3 built here (an input folder) and "
@@ -388,6 +403,8 @@ def parse_args(argv=None):
                         help="after --: more flags for fine_tune.py, e.g. -- --lora --epochs 1")
     args = parser.parse_args(argv)
     extra = args.fine_tune_args[1:] if args.fine_tune_args[:1] == ["--"] else args.fine_tune_args
+    if args.model_name and args.base_model == "registry":
+        parser.error("--model-name and --base-model registry both name the model to fine-tune; give one")
     if args.model_name:
         extra = ["--model-name", args.model_name, *extra]
     if args.instance_count < 1:

@@ -155,7 +155,7 @@ def check_gpu() -> None:
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         if torch.cuda.is_available():
-            return
+            return check_gpu_computes()
         count = torch.cuda.device_count()
     why = "; ".join(" ".join(str(w.message).split())[:300] for w in said)
     sys.exit(
@@ -165,6 +165,21 @@ def check_gpu() -> None:
         + "; run on a GPU cluster with a driver for that CUDA version (nvidia-smi in the job's log shows the "
         "driver's), pin a torch built for an older CUDA in conda.yml, or drop --require_gpu to train on the CPU"
     )
+
+
+def check_gpu_computes() -> None:
+    """Stop with one line unless a bf16 matmul runs on the GPU: a CUDA library that does not match torch's
+    (cuBLAS from the image before the wheel's) fails only here, at the first matmul."""
+    try:
+        x = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        (x @ x).sum().item()
+    except (RuntimeError, AssertionError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        sys.exit(
+            f"fine_tune.py: --require_gpu, but a matmul on the GPU failed: {reason} (torch {torch.__version__}, "
+            f"torch.version.cuda = {torch.version.cuda}); check that the image's CUDA libraries are not older than "
+            "torch's, or drop --require_gpu to train on the CPU"
+        )
 
 
 def resolve_precision(requested: str) -> str:
@@ -188,11 +203,23 @@ def evaluation_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+# Where an MLflow model folder keeps the weights and the tokenizer, in the order they are looked for:
+# MLflow's transformers flavour (what fine_tune.py saves: model/, components/tokenizer/), then Azure ML's
+# hftransformersv2 flavour (the `azureml` registry's Phi-3.5-mini-instruct: data/model/, data/tokenizer/),
+# as azureml-assets' model_selector.py FLAVOR_MAP and model_prediction.py read them.
+MLFLOW_WEIGHTS = ("model", "data/model")
+MLFLOW_TOKENIZER = ("components/tokenizer", "data/tokenizer")
+
+
 def model_folders(model_name: str) -> tuple[str, str]:
     """(weights, tokenizer) of a model: an MLflow model folder keeps them apart; a Hub id or HF folder does not."""
-    if os.path.isfile(os.path.join(model_name, "MLmodel")):
-        return os.path.join(model_name, "model"), os.path.join(model_name, "components", "tokenizer")
-    return model_name, model_name
+    if not os.path.isfile(os.path.join(model_name, "MLmodel")):
+        return model_name, model_name
+    inside = [os.path.join(model_name, folder) for folder in MLFLOW_WEIGHTS]
+    weights = next((f for f in inside if os.path.isfile(os.path.join(f, "config.json"))), inside[0])
+    tokenizers = [os.path.join(model_name, folder) for folder in MLFLOW_TOKENIZER] + [weights]
+    tokenizer = next((f for f in tokenizers if os.path.isfile(os.path.join(f, "tokenizer_config.json"))), tokenizers[0])
+    return weights, tokenizer
 
 
 def initialize_model_and_tokenizer(model_name, model_kwargs, max_length):

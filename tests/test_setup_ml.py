@@ -94,7 +94,8 @@ def test_default_run_builds_the_tutorials_resources_and_job(workspace, capsys, c
     (env,), _ = workspace.environments.create_or_update.call_args
     env_body = env._to_rest_object().as_dict()["properties"]
     assert env.name == "phi-3-training-environment"
-    assert env_body["image"] == "mcr.microsoft.com/azureml/curated/acft-hf-nlp-gpu:127"  # Ubuntu 22.04, pinned
+    # Azure ML's supported CUDA 12.8.1 base image (torch 2.10's CUDA), at a dated tag
+    assert env_body["image"] == "mcr.microsoft.com/azureml/openmpi5.0-cuda12.8-ubuntu24.04:20260715.v1"
     assert yaml.safe_load(env_body["condaFile"]) == yaml.safe_load((ROOT / "conda.yml").read_text())
 
     workspace.compute.get.assert_called_once_with("gpu-nc24s-a100-v4")
@@ -366,6 +367,32 @@ def test_the_rehearsal_submits_the_real_job_with_a_tiny_model_on_a_small_cpu_clu
     assert "python deploy_model.py --rehearsal" in capsys.readouterr().out
 
 
+def code_snapshot_and_outputs(tmp_path, names=("model_output", "quantized_model_output")):
+    """A copy of finetuning_dir/ (Azure's code snapshot) and an empty folder for each output."""
+    snapshot = tmp_path / "wd"
+    shutil.copytree(ROOT / "finetuning_dir", snapshot, ignore=shutil.ignore_patterns("__pycache__", "mlruns", "checkpoints"))
+    outputs = {name: tmp_path / "outputs" / name for name in names}
+    for folder in outputs.values():
+        folder.mkdir(parents=True)
+    return snapshot, outputs
+
+
+def run_in_mounts(args, snapshot, outputs, read_only):
+    """The job's command in `snapshot`, each output folder a mount point of its own and each `read_only`
+    folder remounted read-only, in a private mount namespace, as Azure mounts them."""
+    mounts = " && ".join(
+        [f"mount --bind {shlex.quote(str(f))} {shlex.quote(str(f))}" for f in outputs]
+        + [f"mount --bind {shlex.quote(str(f))} {shlex.quote(str(f))} && mount -o remount,bind,ro {shlex.quote(str(f))}"
+           for f in read_only]
+    )
+    probes = " || ".join(f"touch {shlex.quote(str(f))}/probe 2>/dev/null" for f in read_only)
+    script = f'{mounts} || exit 98; if {probes}; then exit 99; fi; exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", sys.executable, *args[1:]],
+        cwd=snapshot, capture_output=True, text=True, timeout=600,
+    )
+
+
 def test_the_rehearsal_command_writes_both_models_into_mount_points(workspace, tmp_path):
     # What Azure hands the job: a copy of finetuning_dir/ as the working folder (the code snapshot),
     # read-only inputs, and each output an empty folder that is a mount point of its own (rw_mount):
@@ -374,24 +401,12 @@ def test_the_rehearsal_command_writes_both_models_into_mount_points(workspace, t
     setup_ml.main(["--rehearsal", "--no-stream"])
     body = submitted_job_body(workspace)
     inputs = tmp_path / "rehearsal"  # the job's three inputs live here
-    snapshot = tmp_path / "wd"
-    shutil.copytree(ROOT / "finetuning_dir", snapshot, ignore=shutil.ignore_patterns("__pycache__", "mlruns", "checkpoints"))
-    outputs = {name: tmp_path / "outputs" / name for name in ("model_output", "quantized_model_output")}
-    for folder in outputs.values():
-        folder.mkdir(parents=True)
+    snapshot, outputs = code_snapshot_and_outputs(tmp_path)
     args = job_command_here(body, {
         "inputs.train_file": inputs / "train_data.jsonl", "inputs.eval_file": inputs / "test_data.jsonl",
         "inputs.model_name": inputs / "tiny-phi3", **{f"outputs.{k}": v for k, v in outputs.items()},
     }) + ["--max-steps", "4"]  # a few steps: the mounts are what is checked here
-    mounts = " && ".join(
-        [f"mount --bind {shlex.quote(str(f))} {shlex.quote(str(f))}" for f in outputs.values()]
-        + [f"mount --bind {inputs} {inputs}", f"mount -o remount,bind,ro {inputs}"]
-    )
-    script = f'{mounts} || exit 98; if touch {inputs}/probe 2>/dev/null; then exit 99; fi; exec "$@"'
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "bash", sys.executable, *args[1:]],
-        cwd=snapshot, capture_output=True, text=True, timeout=600,
-    )
+    result = run_in_mounts(args, snapshot, outputs.values(), [inputs])
     assert result.returncode not in (98, 99), f"the mounts were not made ({result.returncode}): {result.stderr}"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (outputs["model_output"] / "MLmodel").is_file() and (outputs["model_output"] / "model" / "config.json").is_file()
@@ -545,3 +560,63 @@ def test_a_reused_cluster_that_keeps_nodes_running_is_warned_about_with_its_cost
     assert ("setup_ml.py: warning: cluster 'gpu-nc24s-a100-v4' keeps 1 node(s) running while idle (min_instances=1), "
             "which bills US$3.67/h (1 x Standard_NC24ads_A100_v4, East US list price 2026-11) whether a job runs or "
             "not; set its minimum nodes to 0 in the studio") in capsys.readouterr().out
+
+
+def registry_layout(tiny_model_dir, folder):
+    """The tiny model laid out as the `azureml` registry's Phi-3.5-mini-instruct is (Azure ML's hftransformersv2
+    MLflow flavour): MLmodel at the top, weights in data/model, config in data/config, tokenizer in data/tokenizer."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "MLmodel").write_text("flavors:\n  hftransformersv2:\n    model_data: data\n    task_type: chat-completion\n")
+    tokenizer_files = {p.name for p in tiny_model_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))}
+    shutil.copytree(tiny_model_dir, folder / "data" / "model", ignore=lambda d, names: tokenizer_files & set(names))
+    shutil.copytree(tiny_model_dir, folder / "data" / "tokenizer",
+                    ignore=lambda d, names: set(names) - tokenizer_files)
+    (folder / "data" / "config").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "data" / "config")
+    return folder
+
+
+def test_the_base_model_from_azures_registry_is_a_read_only_mlflow_input(workspace, capsys):
+    setup_ml.main(["--base-model", "registry", "--no-stream"])
+    job = submitted_job_body(workspace)
+    assert job["inputs"]["model_name"] == {
+        "uri": "azureml://registries/azureml/models/Phi-3.5-mini-instruct/versions/6",
+        "jobInputType": "mlflow_model", "mode": "ReadOnlyMount",
+    }
+    assert job["command"].endswith("--save-steps 0 --require_gpu --model-name ${{inputs.model_name}}")
+    assert "Base model: azureml://registries/azureml/models/Phi-3.5-mini-instruct/versions/6, mounted read-only" \
+        in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        setup_ml.parse_args(["--base-model", "registry", "--model-name", "microsoft/Phi-3-mini-4k-instruct"])
+
+
+def test_the_job_fine_tunes_the_registry_layout_mounted_read_only(workspace, tmp_path, tiny_model_dir, chat_files):
+    # The CPU profile's command (no --require_gpu) with the registry's model: what the job runs, with that
+    # input laid out as Azure's registry keeps it and mounted read-only.
+    setup_ml.main(["--cpu", "--base-model", "registry", "--no-int4", "--no-stream", "--", "--max-steps", "2",
+                   "--max-length", "128"])
+    body = submitted_job_body(workspace)
+    model = registry_layout(tiny_model_dir, tmp_path / "registry-model")
+    snapshot, outputs = code_snapshot_and_outputs(tmp_path, ("model_output",))
+    args = job_command_here(body, {"inputs.train_file": chat_files[0], "inputs.eval_file": chat_files[1],
+                                   "inputs.model_name": model, "outputs.model_output": outputs["model_output"]})
+    result = run_in_mounts(args, snapshot, outputs.values(), [model])
+    assert result.returncode not in (98, 99), f"the mounts were not made ({result.returncode}): {result.stderr}"
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (outputs["model_output"] / "MLmodel").is_file()
+    assert (outputs["model_output"] / "components" / "tokenizer" / "tokenizer_config.json").is_file()
+    assert "test loss" in result.stdout.strip().splitlines()[-1]
+
+
+def test_a_gpu_that_cannot_compute_stops_the_job_in_one_line(monkeypatch):
+    # torch sees a GPU but its first matmul fails (a driver or cuBLAS that does not match torch's): one line.
+    import fine_tune
+
+    monkeypatch.setattr(fine_tune.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        fine_tune.check_gpu()
+    message = str(stop.value)
+    assert message.startswith("fine_tune.py: --require_gpu, but a matmul on the GPU failed: ")
+    assert f"torch.version.cuda = {fine_tune.torch.version.cuda}" in message and "\n" not in message
+    assert message.endswith("check that the image's CUDA libraries are not older than torch's, or drop "
+                            "--require_gpu to train on the CPU")
