@@ -1,6 +1,8 @@
 """Step 3: deploy the fine-tuned model to an Azure ML managed online endpoint (or, with --local, here).
 
-On Azure, this:
+On Azure, this first checks, before anything is registered or created, that the deployment's VM
+family has the vCPU quota it takes in the workspace's region (instances plus Azure's 20% reserve);
+then it:
   1. registers the job's int4 form of the model, `quantized_model_output` (an MLflow model), as
      AZURE_MODEL_NAME-int4, or with --form transformers its `model_output` as AZURE_MODEL_NAME;
   2. creates the managed online endpoint AZURE_ENDPOINT_NAME with the user-assigned identity,
@@ -11,7 +13,9 @@ On Azure, this:
      the Prompt flow reads them.
 The job is the one setup_ml.py recorded in .env (AZURE_ML_JOB_NAME) unless --job-name names another.
 
-An endpoint costs money while it exists, even idle: `--delete --yes` removes it.
+An endpoint costs money while it exists, even idle: `--delete --yes` removes it. A deployment that
+fails prints what is still in the workspace, its price an hour, and that command; `python
+billing.py` lists everything in the workspace that bills now.
 
 `--connect` only writes a live endpoint's scoring URI and key into .env: switching the Prompt flow
 back to Azure after `--local` needs no redeploy.
@@ -22,7 +26,8 @@ bf16 transformers model, at the same test loss within a few tenths of a percent 
 `--rehearsal` deploys the int4 model of the rehearsal job (`setup_ml.py --rehearsal`, recorded in
 .env as AZURE_ML_REHEARSAL_JOB_NAME) to its own endpoint, AZURE_ENDPOINT_NAME's first 22 characters
 plus -rehearsal, on the smallest size managed endpoints offer (Standard_DS1_v2), asks it one question
-through the Prompt flow, and prints the command that deletes it. .env is left as it was.
+through the Prompt flow, and deletes that endpoint once answered (`--keep` keeps it). .env is left
+as it was.
 
 `--local` serves a locally fine-tuned model (default: the newest outputs/models/<run>/model-int4,
 or .../model with --form transformers) at http://127.0.0.1:PORT/score with the managed
@@ -33,7 +38,7 @@ endpoint's scoring contract.
     python deploy_model.py --delete --yes
     python deploy_model.py --connect                # the flow talks to the Azure endpoint again
     python deploy_model.py --local
-    python deploy_model.py --rehearsal                # then: python deploy_model.py --rehearsal --delete --yes
+    python deploy_model.py --rehearsal                # deletes its endpoint once its question is answered
 """
 
 import argparse

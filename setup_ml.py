@@ -1,17 +1,24 @@
 """Step 2: fine-tune Phi-3 as an Azure ML command job (or, with --local, on this machine).
 
-By default this creates the tutorial's resources and submits its job:
-  - Environment `phi-3-training-environment`: the curated acft-hf-nlp-gpu image (pinned) + conda.yml;
-  - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, eastus2, Dedicated, 0..1 nodes),
-    reused when it exists;
+Before anything is created or billed, a pre-flight checks the cluster's region (the workspace's,
+unless --location says otherwise), its VM size's family, vCPUs and GPUs, and the vCPU quota of that
+family in that region; short quota stops the script with one line saying where to request more.
+
+Then this creates the tutorial's resources and submits its job:
+  - Environment `phi-3-training-environment`: Azure ML's CUDA 12.8 base image (pinned) + conda.yml;
+  - AmlCompute `gpu-nc24s-a100-v4` (Standard_NC24ads_A100_v4, the workspace's region, Dedicated,
+    0..1 nodes), reused when it exists (warned about when it keeps nodes while idle);
   - a command job running finetuning_dir/fine_tune.py on TRAIN_DATA_PATH / TEST_DATA_PATH,
     whose `model_output` output (an MLflow model) and `quantized_model_output` (its int4 ONNX form
-    for CPU endpoints) deploy_model.py registers. It runs one process
-    per GPU of each node (taken from Azure's list of VM sizes), and writes no trainer
-    checkpoints: they would land on the node's disk, which is gone when the job ends. On a GPU
-    size it passes --require_gpu: a torch that cannot see the GPU stops the job in seconds.
+    for CPU endpoints) deploy_model.py registers. It runs one process per GPU of each node, writes no
+    trainer checkpoints (they would land on the node's disk, gone when the job ends), and has a time
+    limit (--max-hours) after which Azure cancels it. On a GPU size (or one that cannot be classified)
+    it passes --require_gpu: a torch that cannot use the GPU stops the job in seconds.
 The job name and its studio URL are printed, and the name is recorded in .env as
 AZURE_ML_JOB_NAME so that deploy_model.py finds it. Logs are streamed until the job ends.
+
+`--base-model registry` takes Phi-3.5-mini-instruct from Azure ML's own registry, mounted
+read-only, instead of the job downloading it from the Hugging Face Hub.
 
 `--local` runs the very same fine_tune.py command here instead, into outputs/models/<run>/model,
 with a tiny Phi-3 model built on the spot unless --model-name names another.

@@ -411,7 +411,7 @@ def test_help_explains_every_flag():
     result = run_script([ROOT / "deploy_model.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--job-name", "--form", "--delete", "--yes", "--connect", "--local", "--model-dir", "--port",
-                 "--rehearsal", "--instance-type"):
+                 "--rehearsal", "--instance-type", "--keep"):
         assert flag in result.stdout, flag
 
 

@@ -321,7 +321,7 @@ def test_help_explains_every_flag():
     result = run_script([ROOT / "setup_ml.py", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for flag in ("--cpu", "--compute-name", "--compute-size", "--location", "--instance-count", "--no-stream",
-                 "--no-int4", "--model-name", "--local", "--rehearsal", "after --"):
+                 "--no-int4", "--model-name", "--local", "--rehearsal", "--max-hours", "--base-model", "after --"):
         assert flag in result.stdout, flag
 
 
