@@ -158,13 +158,13 @@ class BatchMeter:
 
 def train(setting: Setting, mode: str, runner: str, data, opts, work: Path) -> dict:
     """Train one run for warm-up + measured steps; return its figures over the measured steps."""
-    args = ft.FineTuneArguments(
+    args = ft.resolved(ft.FineTuneArguments(
         train_file=str(work / "train.jsonl"), eval_file=str(work / "test.jsonl"), model_name=str(opts.model),
         checkpoint_dir=str(work / "checkpoints"), save_steps=0, batch_size=opts.batch_size,
         max_length=opts.max_length, max_steps=opts.warmup_steps + opts.steps, lora=mode == "lora",
         attn_implementation=setting.attn, precision=setting.precision,
         packing_strategy="bfd" if setting.strategy == "bfd_flat" else setting.strategy,
-    )
+    ))
     set_seed(args.seed)  # the same LoRA initialisation in every run
     model, tokenizer = ft.load_model(args)
     if runner == "fine_tune":
@@ -205,7 +205,7 @@ def train(setting: Setting, mode: str, runner: str, data, opts, work: Path) -> d
     flops = (6 * n if mode == "full" else 4 * n + 6 * n_lora) * tokens + 6 * config.num_hidden_layers * width * squares
     row = {
         "setting": setting.name, "attn": setting.attn, "packing": setting.strategy, "mode": mode, "runner": runner,
-        "precision": ft.resolve_precision(setting.precision),
+        "precision": args.precision,
         "weights": str(next(model.parameters()).dtype).replace("torch.", ""),
         "tokens_per_s": tokens / (t[s] - t[w]), "tokens_per_s_med": tokens / len(steps) / statistics.median(steps),
         "step_s": statistics.median(steps), "tokens_per_step": tokens / len(steps), "peak_rss_mb": rss_mb,

@@ -91,7 +91,7 @@ def int4_stand_in(onnx_dir: Path, args):
 
 
 def evaluate_one(name: str, options, questions) -> Evaluation:
-    """Load `name`, build fine_tune.py's trainer around it, and evaluate it."""
+    """Load `name`, build fine_tune.py's trainer around it, and evaluate it (options.precision resolved)."""
     print(f"Evaluating {name} on {options.eval_file} ...", flush=True)
     onnx_dir = int4_onnx_dir(name)
     with tempfile.TemporaryDirectory(prefix="evaluate-model-") as scratch:  # the trainer wants a folder; nothing is saved
@@ -125,6 +125,7 @@ def evaluate_int4(name: str, trainer, questions, max_new_tokens: int) -> Evaluat
 
 def main(argv=None):
     options = parse_args(argv)
+    options.precision = ft.resolve_precision(options.precision)  # once, for the model and the baseline
     logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stdout)
     logger.setLevel(logging.INFO)
     try:

@@ -35,7 +35,7 @@ import os
 import sys
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 
 import mlflow
@@ -182,15 +182,31 @@ def check_gpu_computes() -> None:
         )
 
 
+PRECISIONS = ("bf16-mixed", "fp32", "bf16")  # what --precision auto resolves to, and the others
+
+
 def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     return "bf16-mixed" if native_bf16() else "fp32"
 
 
+def resolved(args: "FineTuneArguments") -> "FineTuneArguments":
+    """`args` with --precision auto decided for this machine. main() resolves once; the functions below
+    take resolved args (load_model, training_config, ...) and refuse "auto"."""
+    return replace(args, precision=resolve_precision(args.precision))
+
+
+def checked_precision(precision: str) -> str:
+    """`precision`, unless it is not one of PRECISIONS ("auto" must be resolved first, by resolved())."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not resolved: pass fine_tune.resolved(args)")
+    return precision
+
+
 def weights_dtype(precision: str, trained_weights: bool) -> torch.dtype:
     """The dtype to train in. `trained_weights`: the optimizer updates the model's own weights (not LoRA's)."""
-    if precision == "bf16":
+    if checked_precision(precision) == "bf16":
         return torch.bfloat16
     if precision == "bf16-mixed" and not trained_weights:
         return torch.bfloat16  # LoRA's frozen base: autocast computes in bf16 anyway
@@ -200,7 +216,7 @@ def weights_dtype(precision: str, trained_weights: bool) -> torch.dtype:
 def evaluation_dtype(precision: str) -> torch.dtype:
     """The dtype a model is evaluated in: the training dtype of a full fine-tune, so that a saved model's
     figure is the same whether it is taken at the end of a run or later by evaluate_model.py."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if checked_precision(precision) == "bf16" else torch.float32
 
 
 # Where an MLflow model folder keeps the weights and the tokenizer, in the order they are looked for:
@@ -253,9 +269,12 @@ def apply_chat_template(example, tokenizer):
 
 
 def load_model(args, for_training: bool = True):
-    """The model and tokenizer of args.model_name, in the dtype args.precision asks for; one line if unreachable."""
-    precision = resolve_precision(args.precision)
-    dtype = weights_dtype(precision, trained_weights=not args.lora) if for_training else evaluation_dtype(precision)
+    """The model and tokenizer of args.model_name, in the dtype args.precision (resolved) asks for; one line if
+    unreachable."""
+    if for_training:
+        dtype = weights_dtype(args.precision, trained_weights=not args.lora)
+    else:
+        dtype = evaluation_dtype(args.precision)
     model_kwargs = {
         "use_cache": False,
         "dtype": dtype,
@@ -310,9 +329,10 @@ class LogMetricsToMlflow(TrainerCallback):
 
 
 def training_config(args: FineTuneArguments) -> SFTConfig:
+    """The trainer's settings for resolved `args`."""
     on_gpu = torch.cuda.is_available()
     return SFTConfig(
-        bf16=resolve_precision(args.precision) in ("bf16-mixed", "bf16"),
+        bf16=checked_precision(args.precision) in ("bf16-mixed", "bf16"),
         use_cpu=not on_gpu,
         do_eval=True,
         output_dir=args.checkpoint_dir,
@@ -416,7 +436,7 @@ def train_and_evaluate_model(args, trainer, questions, saved_as):
     if is_main_process():
         logger.info(
             "Training on %d process(es), device %s, precision %s (weights %s)", trainer.args.world_size,
-            trainer.args.device, resolve_precision(args.precision), next(trainer.model.parameters()).dtype,
+            trainer.args.device, args.precision, next(trainer.model.parameters()).dtype,
         )
     train_result = trainer.train()
     trainer.log_metrics("train", train_result.metrics)
@@ -435,7 +455,7 @@ def as_saved(args, trainer, saved_as: torch.dtype | None) -> None:
     model = trainer.model.merge_and_unload() if args.lora else trainer.model
     if saved_as is not None:
         model = model.to(saved_as)
-    model = model.to(evaluation_dtype(resolve_precision(args.precision)))
+    model = model.to(evaluation_dtype(args.precision))
     trainer.model = trainer.model_wrapped = model
     if is_main_process():
         logger.info("Evaluating the fine-tuned model as it is saved (%s weights)", saved_as or "unchanged")
@@ -476,9 +496,11 @@ def main(args: FineTuneArguments):
     if args.require_gpu:
         check_gpu()
     check_inputs(args)
+    requested = args.precision
+    args = resolved(args)  # once: every function below uses this precision
     with mlflow.start_run() if is_main_process() else nullcontext():
         if is_main_process():
-            mlflow.log_params({**asdict(args), "resolved_precision": resolve_precision(args.precision)})
+            mlflow.log_params({**asdict(args), "precision": requested, "resolved_precision": args.precision})
         try:
             model, tokenizer = load_model(args)
         except ModelNotLoaded as e:

@@ -157,11 +157,14 @@ def test_the_evaluation_runs_on_its_own_and_reproduces_the_run(default_run, lear
 
 
 def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_reproduces_it(ft, tmp_path, chat_files,
-                                                                                          caplog):
+                                                                                          caplog, monkeypatch):
     # The path an A100 (or a CPU with AVX512-BF16/AMX) takes under --precision auto, run on purpose
     # whatever this CPU is: fp32 weights under bf16 autocast, saved in the base model's bf16. The
     # closing line is the saved model's figure, so evaluating the saved folder gives the same line.
     from stand_ins import tiny_phi3
+
+    asked = []  # how often main() asks the hardware: "auto" is resolved once, and every step uses that value
+    monkeypatch.setattr(ft, "native_bf16", lambda: asked.append(True) or True)
 
     base = tiny_phi3.build(tmp_path / "base")
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)  # stored in bf16, as Phi-3.5
@@ -170,7 +173,10 @@ def test_the_bf16_mixed_run_reports_the_saved_bf16_model_and_evaluate_model_repr
         ft.main(ft.parse_args([
             "--model-name", str(base), "--train-file", str(chat_files[0]), "--eval-file", str(chat_files[1]),
             "--model_output_dir", str(out), "--checkpoint_dir", str(tmp_path / "checkpoints"), "--precision",
-            "bf16-mixed", "--max-length", "256", "--learning-rate", "1e-3", "--epochs", "1", "--eval-questions", "1"]))
+            "auto", "--max-length", "256", "--learning-rate", "1e-3", "--epochs", "1", "--eval-questions", "1"]))
+    assert asked == [True]
+    _, run = run_metrics(str(out))
+    assert (run.data.params["precision"], run.data.params["resolved_precision"]) == ("auto", "bf16-mixed")
     said = [record.getMessage() for record in caplog.records if record.name == "fine_tune"]
     assert any("precision bf16-mixed (weights torch.float32)" in line for line in said), said
     assert "Evaluating the fine-tuned model as it is saved (torch.bfloat16 weights)" in said
@@ -298,6 +304,12 @@ def test_the_tutorials_bf16_weights_stay_available_and_auto_follows_the_hardware
     monkeypatch.setattr(ft, "native_bf16", lambda: False)  # e.g. an AVX2 CPU: bf16 would be emulated, many times slower
     assert ft.resolve_precision("auto") == "fp32"
     assert ft.resolve_precision("bf16") == "bf16"
+    # The functions after main() take the resolved value; "auto" reaching them is a mistake, not fp32.
+    unresolved = ft.FineTuneArguments(model_name=str(tiny_model_dir))
+    assert ft.resolved(unresolved).precision == "fp32" and unresolved.precision == "auto"
+    for call in (lambda: ft.load_model(unresolved), lambda: ft.training_config(unresolved)):
+        with pytest.raises(ValueError, match="precision 'auto' is not resolved"):
+            call()
 
 
 # Packing: bfd's packed rows kept apart (packed_rows.py) instead of TRL's one flattened row.

@@ -94,8 +94,8 @@ def test_the_int4_loss_is_the_trainers_measure(fine_tuned_model, chat_files, tmp
     import evaluation
     import fine_tune as ft
 
-    args = ft.FineTuneArguments(model_name=str(fine_tuned_model), eval_file=str(chat_files[1]), max_length=256,
-                                save_steps=0, checkpoint_dir=str(tmp_path))
+    args = ft.resolved(ft.FineTuneArguments(model_name=str(fine_tuned_model), eval_file=str(chat_files[1]),
+                                            max_length=256, save_steps=0, checkpoint_dir=str(tmp_path)))
     model, tokenizer = ft.load_model(args, for_training=False)
     dataset = ft.prepare_dataset(args.eval_file, tokenizer)
     trainer = ft.build_trainer(args, model, tokenizer, dataset, dataset)
