@@ -5,6 +5,7 @@ data from stand_ins/sample_chats.py. Tools keep their state under a per-session 
 never in `~` or the working tree.
 """
 
+import argparse
 import contextlib
 import io
 import json
@@ -119,6 +120,25 @@ def run_main(main, args, cwd) -> subprocess.CompletedProcess:
     finally:
         os.chdir(here)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def options_without_help(parse) -> list[str]:
+    """The arguments, -h/--help aside, of the ArgumentParser that `parse(argv)` builds (a script's
+    parse_args or main) that have no help text: [] when `--help` explains every one. The parser is
+    caught when it starts parsing, so nothing after it runs."""
+    caught = []
+
+    def catch(self, args=None, namespace=None):  # parse_args and HfArgumentParser's dataclasses both call it
+        caught.append(self)
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+        with pytest.raises(SystemExit):
+            parse([])
+    assert caught, f"{parse} built no ArgumentParser"
+    return [action.option_strings[0] if action.option_strings else action.dest
+            for action in caught[0]._actions if action.dest != "help" and not action.help]
 
 
 def write_jsonl(path: Path, rows) -> Path:

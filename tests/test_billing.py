@@ -11,6 +11,7 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError
 
 from azure_fakes import mocked_ml_client
+from conftest import options_without_help
 
 import billing
 
@@ -81,3 +82,11 @@ def test_a_refused_list_is_one_line(workspace):
         billing.main([])
     assert str(stop.value) == ("billing.py: could not list the workspace's endpoints and computes "
                                "((AuthorizationFailed) no read access)")
+
+
+def test_help_explains_every_flag(monkeypatch, capsys):
+    monkeypatch.setattr(billing, "get_ml_client", lambda *needed: pytest.fail("--help asks Azure nothing"))
+    with pytest.raises(SystemExit) as done:
+        billing.main(["--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+    assert options_without_help(billing.parse_args) == []
