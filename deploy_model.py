@@ -47,7 +47,6 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from azure.ai.ml.constants import AssetTypes
@@ -70,6 +69,7 @@ from ml_client import OPENMPI_IMAGE, get_ml_client
 from preflight import check_quota, deployment_vcpus, size_facts, workspace_location
 from prices import cost_per_day, cost_per_hour
 from serving import REQUEST_TIMEOUT_MS
+from serving.forms import FORMS, PROBE_PERIOD_S
 
 ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
@@ -79,41 +79,11 @@ COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
 SCORING_DIR = ROOT / "serving" / "scoring"
 SERVING_IMAGE = OPENMPI_IMAGE
 SERVING_ENV_NAME = "finetune-phi-int4-serving"
-# The two forms of the fine-tuned model a job writes: (job output, registered name suffix, local folder).
-FORMS = {
-    "int4": ("quantized_model_output", "-int4", "model-int4"),
-    "transformers": ("model_output", "", "model"),
-}
 PROGRESS_EVERY_S = 30
 # Azure's rule for endpoint names (learn.microsoft.com/azure/machine-learning/how-to-manage-quotas, "Azure
 # Machine Learning online endpoints and batch endpoints"): begin with a letter, 3-32 characters, letters
 # and numbers, single dashes accepted.
 ENDPOINT_NAME = re.compile(r"[A-Za-z](?!.*--)[A-Za-z0-9-]{2,31}")
-PROBE_PERIOD_S = 10
-
-
-@dataclass(frozen=True)
-class FormServing:
-    """How one form of the model is served on a Standard_E4s_v3 with azmlinfsrv's one worker.
-
-    Azure admits up to 2 x max_concurrent_requests_per_instance requests at once (more get 429, which
-    the flow retries) and the one worker answers them in turn, so the last admitted one waits for all
-    the others: that wait must stay under the 180 s request limit. The probes wait initial_delay_s,
-    then allow failure_threshold misses PROBE_PERIOD_S apart, for the model to load.
-    """
-
-    max_concurrent_requests: int
-    initial_delay_s: int
-    failure_threshold: int
-
-
-SERVING = {
-    # ~14 s per 128-token answer (BENCHMARKS.md): 6 admitted, the last answered within ~85 s.
-    "int4": FormServing(max_concurrent_requests=3, initial_delay_s=30, failure_threshold=30),
-    # ~70 s per answer in bf16: 2 admitted, the second answered within ~140 s; 3 (the tutorial's) let
-    # the third wait 210 s, past the limit.
-    "transformers": FormServing(max_concurrent_requests=1, initial_delay_s=120, failure_threshold=60),
-}
 REHEARSAL_INSTANCE_TYPE = "Standard_DS1_v2"  # the smallest size managed online endpoints offer
 REHEARSAL_QUESTION = "Who founded Microsoft?"
 DEPLOY_SETTINGS = (
@@ -132,7 +102,7 @@ def deployment_env_vars():
         "SUBSCRIPTION_ID": config.AZURE_SUBSCRIPTION_ID,
         "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
         "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
-        "WORKER_COUNT": "1",  # azmlinfsrv's default, stated: SERVING's concurrency assumes it
+        "WORKER_COUNT": "1",  # azmlinfsrv's default, stated: FORMS' concurrency assumes it
     }
 
 
@@ -157,7 +127,7 @@ def check_job(ml_client, job_name, form):
             f"deploy_model.py: job {job_name} is {job.status}, not Completed; wait for it "
             f"(or fix and re-run setup_ml.py); see {job.studio_url}"
         )
-    output = FORMS[form][0]
+    output = FORMS[form].job_output
     if output not in (job.outputs or {}):
         sys.exit(
             f"deploy_model.py: job {job_name} has no output '{output}' (it ran with --no-int4, or before the int4 "
@@ -167,7 +137,7 @@ def check_job(ml_client, job_name, form):
 
 def register_model(ml_client, model_name, job_name, form="transformers"):
     """Register the job's MLflow model output of the given form."""
-    output, suffix, _ = FORMS[form]
+    output, suffix = FORMS[form].job_output, FORMS[form].name_suffix
     model_path = f"azureml://jobs/{job_name}/outputs/{output}"
     print(f"Registering model {model_name + suffix} from job {job_name} at path {model_path}.")
     run_model = Model(
@@ -212,8 +182,8 @@ def int4_serving():
 
 
 def build_deployment(endpoint_name, deployment_name, model_id, form="transformers", instance_type=COMPUTE_INSTANCE_TYPE):
-    """The deployment: one CPU instance, probes and concurrency fitted to the form (SERVING)."""
-    serving = SERVING[form]
+    """The deployment: one CPU instance, probes and concurrency fitted to the form (serving/forms.py)."""
+    serving = FORMS[form]
     probe = ProbeSettings(failure_threshold=serving.failure_threshold, success_threshold=1, period=PROBE_PERIOD_S,
                           initial_delay=serving.initial_delay_s)
     code, environment = int4_serving() if form == "int4" else (None, None)  # transformers: Azure's own scoring
@@ -365,7 +335,7 @@ def deploy(job_name, form, rehearsal=False, instance_type=None, keep=False):
 def ask_the_rehearsal(ml_client, endpoint_name, keep=False):
     """One question through the Prompt flow to the rehearsal endpoint (.env untouched); then its endpoint is
     deleted, unless `keep`."""
-    from local.pipeline import ask_the_flow
+    from local.ask_flow import ask_the_flow
 
     settings = {
         "AZURE_ML_ENDPOINT": ml_client.online_endpoints.get(name=endpoint_name).scoring_uri,
@@ -435,7 +405,7 @@ def main(argv=None):
     if args.local:
         from serving.endpoint import serve_local
 
-        return serve_local(args.model_dir, args.port, folder=FORMS[args.form][2])
+        return serve_local(args.model_dir, args.port, folder=FORMS[args.form].local_folder)
     if args.connect:
         config.require("AZURE_ENDPOINT_NAME")
         return save_endpoint_settings(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)

@@ -101,9 +101,13 @@ def number_setting(settings: dict, name: str, default, kind, is_valid, rule: str
     return value
 
 
-def endpoint_settings() -> tuple[str, str, float, dict]:
-    """URI, key, timeout and generation params for the next question."""
+def endpoint_settings(temperature: float | None = None, max_new_tokens: int | None = None) -> tuple[str, str, float, dict]:
+    """URI, key, timeout and generation params for the next question; `temperature` and `max_new_tokens`, when
+    given, stand for their settings (checked the same way)."""
     settings = read_settings()
+    for name, value in (("AZURE_ML_TEMPERATURE", temperature), ("AZURE_ML_MAX_NEW_TOKENS", max_new_tokens)):
+        if value is not None:
+            settings[name] = str(value)
     url, key = settings["AZURE_ML_ENDPOINT"], settings["AZURE_ML_API_KEY"]
     for name, value in (("AZURE_ML_ENDPOINT", url), ("AZURE_ML_API_KEY", key)):
         if not value or config.is_placeholder(value):

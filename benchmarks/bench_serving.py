@@ -12,7 +12,7 @@ endpoint" is what the flow adds. Once per --workers (azmlinfsrv WORKER_COUNT) an
 (transformers' generate, as the transformers MLflow model runs) and int4 (onnxruntime-genai, as the int4
 MLflow model runs): the first token, each further one, so 128 tokens against the 180 s request limit.
 --big-endpoint: that model as the two MLflow models deploy_model.py serves, each behind the local
-endpoint with deploy_model.SERVING's settings for its form: seconds until live (what the probes wait
+endpoint with serving/forms.py's settings for its form: seconds until live (what the probes wait
 for), then 3 clients asking for 128 tokens at once, of which Azure admits 2 x
 max_concurrent_requests_per_instance (429 for the rest): the admitted ones' latency, server memory.
 
@@ -42,7 +42,7 @@ from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
 import fine_tune as ft  # noqa: E402  (finetuning_dir/fine_tune.py)
 import quantize_model  # noqa: E402
-from deploy_model import SERVING  # noqa: E402
+from serving.forms import FORMS  # noqa: E402
 from int4_model import Int4ChatModel, cpu_threads  # noqa: E402
 from local import pf_home  # noqa: E402
 from serving import REQUEST_TIMEOUT_MS, processes  # noqa: E402
@@ -300,7 +300,7 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
         call = endpoint_call(url, servers.key, opts.max_new_tokens, timeout=opts.big_calls * REQUEST_LIMIT_S)
         endpoint_call(url, servers.key, 1)()  # warm-up: the first request builds what the server builds lazily
         # Azure admits 2 x max_concurrent_requests_per_instance requests at once and answers 429 to the rest.
-        admitted = min(BIG_CLIENTS, 2 * SERVING[form].max_concurrent_requests)
+        admitted = min(BIG_CLIENTS, 2 * FORMS[form].max_concurrent_requests)
         samples, wall = concurrent(call, admitted, max(admitted, admitted * opts.big_calls // BIG_CLIENTS))
         server = psutil.Process(servers.running[-1].pid)  # and its workers
         rss_mb = sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 2**20

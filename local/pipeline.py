@@ -20,7 +20,6 @@ Each step is the learner's own command, printed before it runs:
 """
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 
 from local import mlflow_store, pf_home
+from local.ask_flow import ask_the_flow
 from serving import processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +48,15 @@ def run(step: str, command: list, check: bool = True) -> subprocess.CompletedPro
     return subprocess.run([str(c) for c in command], cwd=ROOT, check=check)
 
 
-def prepare_data(split: str) -> None:
+def prepare_data(split: str) -> bool:
+    """Step 1; whether it fell back on the sample chats."""
     python = sys.executable
-    if run("Step 1: download the data", [python, "download_dataset.py", "--split", split], check=False).returncode:
-        print("The Hugging Face Hub could not be reached: using ultrachat-shaped sample chats instead.")
-        run("Step 1b: make sample chats", [python, "-m", "stand_ins.sample_chats", "--out", SAMPLE_CHATS])
-        run("Step 1c: split them", [python, "download_dataset.py", "--dataset", SAMPLE_CHATS, "--split", "train"])
+    if not run("Step 1: download the data", [python, "download_dataset.py", "--split", split], check=False).returncode:
+        return False
+    print("The Hugging Face Hub could not be reached: using ultrachat-shaped sample chats instead.")
+    run("Step 1b: make sample chats", [python, "-m", "stand_ins.sample_chats", "--out", SAMPLE_CHATS])
+    run("Step 1c: split them", [python, "download_dataset.py", "--dataset", SAMPLE_CHATS, "--split", "train"])
+    return True
 
 
 def fine_tune(model_name: str | None) -> None:
@@ -78,20 +81,6 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
     return process
 
 
-def ask_the_flow(question: str, settings: dict | None = None) -> str:
-    """One question through the Prompt flow, as `pf flow test` answers it; `settings` override .env's."""
-    # Greedy decoding, so the tiny model's answer is its best one; pf keeps quiet state under outputs/.
-    env = {**os.environ, **pf_home.prepare(OUTPUTS / "promptflow"), "AZURE_ML_TEMPERATURE": "0", **(settings or {})}
-    pf = Path(sys.executable).with_name("pf")
-    command = [pf, "flow", "test", "--flow", ".", "--inputs", f"input_data={question}"]
-    print(f"\n== Step 4: ask the Prompt flow\n$ AZURE_ML_TEMPERATURE=0 {shlex.join(map(str, command))}", flush=True)
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode:
-        errors = [line for line in result.stdout.splitlines() if "failed with" in line or "Error" in line]
-        sys.exit(f"local pipeline: the flow failed: {(errors or result.stdout.splitlines() or ['no output'])[-1]}")
-    return json.loads(result.stdout[result.stdout.rindex("{"):])["answer"]
-
-
 def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None,
                   form: str = "int4") -> tuple[str, subprocess.Popen]:
     """Steps 3 and 4 for one form of the model; the endpoint is stopped afterwards unless asked to keep it."""
@@ -105,15 +94,26 @@ def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, mode
     return answer, endpoint
 
 
-def evaluate_the_chat(base_model: str, questions: int) -> None:
-    """Step 5 while the int4 endpoint is live (.env points at it): the fine-tuned model against its base."""
+def what_the_table_shows(sample_chats: bool) -> str:
+    """The caption of make local's step-5 table: what it proves, and what it does not."""
+    shared = (" The sample chats' test questions repeat the same facts as the training ones, word for word (both "
+              "splits share them)," if sample_chats else " The model was trained until it repeats its training chats,")
+    return ("What this shows: a tiny Phi-3 fine-tuned here against its untrained base, whose weights are random."
+            + shared + " so the table proves that the steps work together, not that fine-tuning helps; "
+            "docs/evaluation.md shows a real comparison.")
+
+
+def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True, form: str = "int4") -> None:
+    """Step 5 while the endpoint of `form` is live (.env points at it): the fine-tuned model against its base,
+    served in the same form."""
     # Greedy decoding: the tiny model's best answers, and the same table every run.
     command = [sys.executable, "evaluate_chat.py", "--questions", str(questions), "--temperature", "0",
-               "--baseline", str(base_model), "--fresh"]
+               "--form", form, "--baseline", str(base_model), "--fresh", "--out", OUTPUTS / "evaluations",
+               "--caption", what_the_table_shows(sample_chats)]
     try:
         run("Step 5: evaluate the chat's answers against the base model's", command)
     except subprocess.CalledProcessError as e:
-        sys.exit(f"local pipeline: the evaluation failed with exit code {e.returncode}: {shlex.join(command)}")
+        sys.exit(f"local pipeline: the evaluation failed with exit code {e.returncode}: {shlex.join(map(str, command))}")
 
 
 def main(argv=None):
@@ -133,7 +133,7 @@ def main(argv=None):
     OUTPUTS.mkdir(exist_ok=True)
 
     try:
-        prepare_data(args.split)
+        sample_chats = prepare_data(args.split)
         fine_tune(args.model_name)
     except subprocess.CalledProcessError as e:
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
@@ -144,7 +144,7 @@ def main(argv=None):
         if args.eval_questions:
             from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
 
-            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions)
+            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats)
     finally:
         if not args.keep_endpoint:
             processes.stop(endpoint)

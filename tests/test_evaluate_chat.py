@@ -9,20 +9,27 @@ answers collected before it are kept for the rerun.
 """
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from chat_fixtures import ANSWER, QUESTION, ROOT, endpoint, free_port, stand_in  # noqa: F401
+from chat_fixtures import ANSWER, QUESTION, ROOT, endpoint, free_port, port_is_open, stand_in  # noqa: F401
 from conftest import run_main, run_script, write_jsonl
-from evaluation_fixtures import AzureOpenAIStandIn, FoundryProjectStandIn, StaticCredential, make_certificate
+from evaluation_fixtures import AzureOpenAIStandIn, FoundryProjectStandIn, Recording, StaticCredential, make_certificate
 from stand_ins import sample_chats
 
 import evaluate_chat  # noqa: E402
 import integrate_with_promptflow as flow  # noqa: E402
+from chat_evaluation import EvaluationStopped, baseline, compare, scoring
+from chat_evaluation.collect import display
 
 OK = (200, [ANSWER], {})
 
@@ -82,77 +89,86 @@ def answers_kept(tmp_path, name="fine-tuned") -> list[dict]:
 def stop_line(tmp_path, reason: str, kept: int, asked: int) -> str:
     """The one line evaluate_chat.py stops with when the fine-tuned endpoint fails for `reason`."""
     return (f"evaluate_chat.py: fine-tuned endpoint: {reason}; {kept} of {asked} answers kept in "
-            f"{evaluate_chat.display(answers_file(tmp_path))}: run the same command again to continue")
+            f"{display(answers_file(tmp_path))}: run the same command again to continue")
 
 
-def test_help_explains_every_flag():
-    result = run_main(evaluate_chat.main, ["--help"], cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    for flag in ("--questions", "--test-data", "--baseline ", "--baseline-endpoint", "--form", "--concurrency",
-                 "--temperature", "--max-new-tokens", "--show", "--out", "--fresh"):
-        assert flag in result.stdout, flag
-    assert "max_concurrent_requests_per_instance" in result.stdout
+def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model_dir, chat_files, no_nltk_data,
+                                                            tmp_path, monkeypatch, capfd):
+    """make local's step 5, as its own command line runs it, against the fine-tuned tiny model's local endpoint
+    (its transformers form): the base is served by the script in that same form, with the same greedy params."""
+    from local import pipeline
 
-
-def test_the_fine_tuned_model_beats_its_base_on_f1(endpoint, tiny_model_dir, chat_files, no_nltk_data, tmp_path):
-    """The learner's command against the fine-tuned tiny model's local endpoint, its base served by the script."""
     env_before = endpoint.env_file.read_text()
-    out = tmp_path / "evaluations"
-    result = run_script(
-        ["evaluate_chat.py", "--questions", 8, "--temperature", 0, "--baseline", tiny_model_dir, "--out", out],
-        cwd=ROOT, env={"FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "TEST_DATA_PATH": str(chat_files[1]),
-                       "NLTK_DATA": str(no_nltk_data)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_dir,) = [p for p in out.iterdir() if p.name != "baseline-models"]
+    monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
+    for name, value in (("FINETUNE_PHI_ENV_FILE", endpoint.env_file), ("TEST_DATA_PATH", chat_files[1]),
+                        ("NLTK_DATA", no_nltk_data)):
+        monkeypatch.setenv(name, str(value))
+    pipeline.evaluate_the_chat(tiny_model_dir, 8, sample_chats=True, form="transformers")
+    printed = capfd.readouterr().out
+    (run_dir,) = [p for p in (tmp_path / "evaluations").iterdir() if p.name != "baseline-models"]
     results = json.loads((run_dir / "results.json").read_text())
-    f1 = {name: metrics["f1_score.f1_score"] for name, metrics in results["metrics"].items()}
-    assert f1["fine-tuned"] > 0.9 and f1["baseline"] < 0.3, f1
-    assert results["settings"]["endpoints"] == {"fine-tuned": endpoint.url,
-                                                "baseline": f"served here: {tiny_model_dir.resolve()}"}
-    # One table: each metric's mean for both and the difference; then where the two differ most, with both answers.
-    table = result.stdout[result.stdout.index("== 8 questions"):]
-    assert "metric   fine-tuned  baseline  difference" in table
-    assert f"F1       {f1['fine-tuned']:10.3f}  {f1['baseline']:8.3f}  {f1['fine-tuned'] - f1['baseline']:+10.3f}" in table
-    assert "ROUGE-L" in table and "The 3 questions on which the two differ most (F1):" in table
+    f1 = results["comparisons"]["f1_score"]
+    assert f1["means"][0] > 0.9 and f1["means"][1] < 0.3, f1
+    assert f1["scored"] == [8, 8] and f1["paired"] == 8 and f1["wins"] >= 6
+    low, high = f1["interval"]
+    assert 0 < low <= f1["difference"] <= high and f1["within_noise"] is False
+    # Like against like: both sides' form, params and model are recorded, and they are the same.
+    (fine_tuned, baseline) = results["endpoints"]
+    assert fine_tuned["form"] == baseline["form"] == "transformers"
+    assert fine_tuned["params"] == baseline["params"] and fine_tuned["params"]["do_sample"] is False  # greedy
+    assert baseline["model"] == str(tiny_model_dir.resolve())
+    assert results["settings"]["endpoints"]["baseline"] == f"served here (transformers): {tiny_model_dir.resolve()}"
+    # The table: what it shows, then per metric the means, the difference, its interval, wins, counts.
+    table = printed[printed.index("== 8 questions"):]
+    assert table.splitlines()[1] == pipeline.what_the_table_shows(True)
+    assert "proves that the steps work together, not that fine-tuning helps" in table.splitlines()[1]
+    assert "Unlike forms" not in table and "Unlike params" not in table and "Sampled answers" not in table
+    line = next(line for line in table.splitlines() if line.startswith("F1 "))
+    assert line.split() == ["F1", f"{f1['means'][0]:.3f}", f"{f1['means'][1]:.3f}", f"{f1['difference']:+.3f}",
+                            f"[{low:+.3f},", f"{high:+.3f}]", "fine-tuned", "better",
+                            f"{f1['wins']}/{f1['ties']}/{f1['losses']}", "8/8,", "8/8"]
+    assert "The 3 questions on which the two differ most (F1):" in table
     top = results["largest_differences"][0]
     assert f"    fine-tuned (F1 {top['fine-tuned F1']:.2f}): {top['fine-tuned']}" in table
-    assert "Note: BLEU, GLEU and METEOR left out" in table and "nltk_data" not in result.stderr  # nothing downloaded
-    assert (run_dir / "table.txt").read_text().strip() == table.split("\n\nResults:")[0].split("\n", 1)[1].strip()
+    assert "Note: BLEU, GLEU and METEOR left out" in table
+    assert (run_dir / "table.txt").read_text().strip() == table.split("\n\nResults:")[0].strip()
     # Served through its own .env: the learner's keeps pointing at the fine-tuned endpoint.
     assert endpoint.env_file.read_text() == env_before
-    assert (run_dir / "baseline.env").exists() and "Serving the baseline" in result.stdout
+    assert (run_dir / "baseline.env").exists() and "Serving the baseline" in printed
     assert len((run_dir / "answers-baseline.jsonl").read_text().splitlines()) == 8
     # The same figures in an MLflow run of the suite's store.
     (run,) = mlflow.search_runs(experiment_names=["finetune-phi"], filter_string="tags.step = 'evaluate_chat' and "
                                 f"attributes.run_name = 'evaluate-chat-{run_dir.name}'", output_format="list")
-    assert run.data.metrics["fine-tuned.f1_score"] == pytest.approx(f1["fine-tuned"])
-    assert run.data.metrics["difference.f1_score"] == pytest.approx(f1["fine-tuned"] - f1["baseline"])
+    assert run.data.metrics["fine-tuned.f1_score"] == pytest.approx(f1["means"][0])
+    assert run.data.metrics["difference.f1_score"] == pytest.approx(f1["difference"])
+    assert run.data.metrics["difference_low.f1_score"] == pytest.approx(low)
 
 
 def test_the_offline_evaluators_score_for_real_and_download_nothing(offline, tmp_path):
-    evaluators, left_out = evaluate_chat.lexical_evaluators()
+    evaluators, left_out = scoring.lexical_evaluators()
     assert list(evaluators) == ["f1_score", "rouge"]
     assert left_out == [f"BLEU, GLEU and METEOR left out: they need NLTK's tokenizer and WordNet data, which "
                         f"azure-ai-evaluation would download at run time; to add them, download it once: "
-                        f"{evaluate_chat.NLTK_DOWNLOAD}"]
+                        f"{scoring.NLTK_DOWNLOAD}"]
     answers = write_jsonl(tmp_path / "answers-fine-tuned.jsonl", [
         {"line": 0, "query": QUESTION, "ground_truth": ANSWER, "response": ANSWER},
         {"line": 1, "query": QUESTION, "ground_truth": ANSWER, "response": "Bill Gates and Paul Allen founded it."},
         {"line": 2, "query": QUESTION, "ground_truth": ANSWER, "response": "Nobody knows."},
     ])
-    how = evaluate_chat.Scoring(evaluators, {}, None, None, [])
-    fine_tuned = evaluate_chat.Endpoint("fine-tuned", "", "", 1, "")
-    result = evaluate_chat.score(fine_tuned, answers, tmp_path, how)
+    how = scoring.Scoring(evaluators, {}, None, None, [])
+    result = scoring.score("fine-tuned", answers, tmp_path, how)
     f1 = [row["outputs.f1_score.f1_score"] for row in result["rows"]]
     # SQuAD's F1 over normalised words: "bill gates and paul allen" is 5 of the reference's 9 and of the answer's 6.
     assert f1 == pytest.approx([1.0, 2 * (5 / 6) * (5 / 9) / (5 / 6 + 5 / 9), 0.0])
     assert result["metrics"]["f1_score.f1_score"] == pytest.approx(sum(f1) / 3)
     assert result["rows"][0]["outputs.rouge.rouge"] == pytest.approx(1.0)
+    assert result["errors"] == {}
+    assert scoring.row_values(result, "f1_score", 4) == pytest.approx(f1)
 
 
 def test_bleu_gleu_and_meteor_join_when_nltks_data_is_here(monkeypatch):
-    monkeypatch.setattr(evaluate_chat, "nltk_data_present", lambda: True)
-    evaluators, left_out = evaluate_chat.lexical_evaluators()
+    monkeypatch.setattr(scoring, "nltk_data_present", lambda: True)
+    evaluators, left_out = scoring.lexical_evaluators()
     assert list(evaluators) == ["f1_score", "rouge", "bleu", "gleu", "meteor"] and left_out == []
 
 
@@ -171,7 +187,7 @@ def test_the_ai_assisted_evaluators_ask_the_azure_openai_deployment(offline, sta
     for name in ("groundedness", "relevance", "coherence", "fluency", "similarity"):
         assert metrics[f"{name}.{name}"] == 4.0, name
     printed = capsys.readouterr().out
-    assert re.search(r"^relevance \(1-5\) +4\.000$", printed, re.M) and "Note: groundedness" not in printed
+    assert re.search(r"^relevance \(1-5\) +4\.000 +2/2$", printed, re.M) and "Note: groundedness" not in printed
     # What they cost: the usage the deployment reported, 1,500 prompt and 80 completion tokens a call.
     assert results["judge_tokens"] == {"prompt": 15_000, "completion": 800}
     assert "Azure OpenAI tokens used by the AI-assisted evaluators: 15,000 prompt, 800 completion" in printed
@@ -196,7 +212,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
         use_endpoint(monkeypatch, stand_in(OK).url)
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # trust the stand-in's certificate
         monkeypatch.setenv("AZURE_AI_PROJECT", project.endpoint)
-        monkeypatch.setattr(evaluate_chat, "azure_credential", lambda: credential)
+        monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
         results = run(tmp_path, "--test-data", chats, "--questions", 2)
     finally:
         project.close()
@@ -228,7 +244,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
     assert "https://ai.azure.com/.default" in credential.scopes
     assert results["studio_urls"] == {"fine-tuned": "https://ai.azure.com/resource/build/evaluation/stand-in-run"}
     printed = capsys.readouterr().out
-    assert re.search(r"^violence \(defect rate\) +0\.000$", printed, re.M)
+    assert re.search(r"^violence \(defect rate\) +0\.000 +2/2$", printed, re.M)
     assert "Logged to the Azure AI project: https://ai.azure.com/resource/build/evaluation/stand-in-run" in printed
 
 
@@ -266,7 +282,7 @@ def test_a_424_from_azures_gateway_keeps_the_answers_and_the_rerun_continues(sta
         f.write('{"line": 2, "query": "an answer cut short by a cr')  # as if the machine had died mid-write
     # The same command again: the run goes on in the same folder, and only the three questions left are asked.
     results = run(tmp_path, "--test-data", chats, "--questions", 5, "--concurrency", 1)
-    assert f"Continuing the unfinished evaluation in {evaluate_chat.display(answers.parent)}" in capsys.readouterr().out
+    assert f"Continuing the unfinished evaluation in {display(answers.parent)}" in capsys.readouterr().out
     assert len(endpoint_.requests) == 3 + 3
     rows = answers_kept(tmp_path)
     assert [row["line"] for row in rows] == [0, 1, 2, 3, 4]
@@ -328,36 +344,178 @@ def test_half_an_azure_openai_setting_is_refused(stand_in, chats, monkeypatch, t
         ".env.example), or none of them")
 
 
-def test_questions_go_out_as_many_at_once_as_the_deployment_admits(monkeypatch):
-    from deploy_model import SERVING
+class SlowEndpoint(Recording):
+    """An endpoint that takes `seconds` an answer and records the most requests it held at once."""
 
-    monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://127.0.0.1:9/score")
-    monkeypatch.setenv("AZURE_ML_API_KEY", "k")
-    for form in ("int4", "transformers"):
-        args = evaluate_chat.parse_args(["--form", form, "--baseline", "some/model"])
-        (fine_tuned, baseline), _, _ = evaluate_chat.endpoints_to_ask(args)
-        assert fine_tuned.concurrency == SERVING[form].max_concurrent_requests
-        assert baseline.concurrency == SERVING["transformers"].max_concurrent_requests
-    assert SERVING["int4"].max_concurrent_requests == 3
+    def __init__(self, answer: str, seconds: float = 0.3):
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+        self.answer, self.seconds = answer, seconds
+        super().__init__(self.reply)
+
+    def reply(self, request):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+        return 200, [self.answer], {}
 
 
-def test_make_local_ends_by_evaluating_the_int4_endpoint_against_the_base(monkeypatch, tmp_path):
-    from local import pipeline
-    from stand_ins.tiny_phi3 import TINY_MODEL_DIR
+@pytest.mark.parametrize("flags, most", [
+    ([], (3, 3)),  # int4 both: 3 at a time each (serving/forms.py)
+    (["--baseline-form", "transformers"], (3, 1)),  # a transformers baseline answers one at a time
+    (["--concurrency", "2", "--baseline-concurrency", "2"], (2, 2)),
+])
+def test_each_endpoint_gets_as_many_questions_at_once_as_its_form_admits(offline, chats, monkeypatch, tmp_path,
+                                                                         flags, most):
+    fine_tuned, base = SlowEndpoint(ANSWER), SlowEndpoint("Somebody did.")
+    try:
+        use_endpoint(monkeypatch, fine_tuned.base_url + "/score")
+        monkeypatch.setenv("AZURE_ML_BASELINE_API_KEY", "base-key")
+        results = run(tmp_path, "--test-data", chats, "--questions", "all", "--baseline-endpoint",
+                      base.base_url + "/score", *flags)
+    finally:
+        fine_tuned.close(), base.close()
+    assert (fine_tuned.most, base.most) == most
+    assert len(fine_tuned.requests) == len(base.requests) == 5 == results["settings"]["questions"]
+    # The same greedy params to both (a comparison decodes greedily unless told otherwise).
+    assert {json.dumps(r["body"]["params"], sort_keys=True) for r in fine_tuned.requests + base.requests} == {
+        json.dumps(results["endpoints"][0]["params"], sort_keys=True)}
+    assert results["endpoints"][0]["params"]["do_sample"] is False
 
-    steps = []
-    monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
-    monkeypatch.setattr(pipeline, "prepare_data", lambda split: steps.append("data"))
-    monkeypatch.setattr(pipeline, "fine_tune", lambda model_name: steps.append("fine-tune"))
-    monkeypatch.setattr(pipeline, "serve_and_ask", lambda port, keep_endpoint, form: steps.append(
-        f"serve {form}, keep {keep_endpoint}") or ("answer", f"{form} endpoint"))
-    monkeypatch.setattr(pipeline, "run", lambda step, command, check=True: steps.append((step, command)))
-    monkeypatch.setattr(pipeline.processes, "stop", lambda process: steps.append(f"stop {process}"))
-    pipeline.main([])
-    assert steps == [
-        "data", "fine-tune", "serve transformers, keep False", "serve int4, keep True",
-        ("Step 5: evaluate the chat's answers against the base model's",
-         [sys.executable, "evaluate_chat.py", "--questions", "20", "--temperature", "0", "--baseline",
-          str(TINY_MODEL_DIR), "--fresh"]),
-        "stop int4 endpoint",
-    ]
+
+class PickyJudge(AzureOpenAIStandIn):
+    """The stand-in judge, refusing (401) every prompt that holds `refuse`: some rows fail, others are scored."""
+
+    def __init__(self, refuse: str):
+        self.refuse = refuse
+        super().__init__()
+
+    def answer(self, request):
+        if self.refuse in json.dumps(request["body"]):
+            return 401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}, {}
+        return super().answer(request)
+
+
+def use_judge(monkeypatch, judge):
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", judge.base_url)
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", judge.key)
+    monkeypatch.setenv("AZURE_OPENAI_DEPLOYMENT", "judge-gpt-4o")
+
+
+def test_a_judge_that_fails_some_rows_is_counted_said_and_left_out_of_the_comparison(offline, stand_in, chats,
+                                                                                    monkeypatch, tmp_path, capsys):
+    judge = PickyJudge(refuse="Refuse me")
+    try:
+        use_endpoint(monkeypatch, stand_in(OK).url)
+        # The baseline's second answer is one the judge refuses to read.
+        base = stand_in(OK, (200, ["Refuse me, please."], {}), OK)
+        monkeypatch.setenv("AZURE_ML_BASELINE_API_KEY", "base-key")
+        use_judge(monkeypatch, judge)
+        results = run(tmp_path, "--test-data", chats, "--questions", 3, "--baseline-endpoint", base.url,
+                      "--baseline-concurrency", 1)
+    finally:
+        judge.close()
+    relevance = results["comparisons"]["relevance"]
+    assert relevance["scored"] == [3, 2] and relevance["asked"] == 3
+    assert relevance["paired"] == 2 and relevance["means"] == [4.0, 4.0]  # only the questions both were scored on
+    assert relevance["difference"] == 0 and relevance["within_noise"] is True and relevance["ties"] == 2
+    assert results["comparisons"]["f1_score"]["paired"] == 3  # the offline ones scored every answer
+    assert results["errors"]["fine-tuned"] == {}
+    assert "Access denied due to invalid subscription key" in results["errors"]["baseline"]["relevance"]
+    printed = capsys.readouterr().out
+    (said,) = [line for line in printed.splitlines() if line.startswith("baseline: relevance (1-5) failed")]
+    assert said.startswith("baseline: relevance (1-5) failed, first error: ") and "Access denied" in said
+    assert re.search(r"^relevance \(1-5\) .* within noise +0/2/0 +3/3, 2/3$", printed, re.M)
+
+
+def test_an_evaluator_that_scored_nothing_fails_the_run(offline, stand_in, chats, monkeypatch, tmp_path, capsys):
+    judge = PickyJudge(refuse="")  # every prompt: a wrong key
+    try:
+        use_endpoint(monkeypatch, stand_in(OK).url)
+        use_judge(monkeypatch, judge)
+        message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
+    finally:
+        judge.close()
+    assert message.startswith("evaluate_chat.py: no answer was scored by groundedness (1-5) (fine-tuned), "
+                              "relevance (1-5) (fine-tuned), coherence (1-5) (fine-tuned)")
+    assert message.endswith(f"see the first errors above and the evaluate-*.log files in {display(results_dir(tmp_path))}")
+    printed = capsys.readouterr().out
+    assert "fine-tuned: coherence (1-5) failed, first error: " in printed
+    assert json.loads((results_dir(tmp_path) / "results.json").read_text())["comparisons"]["f1_score"]["scored"][0] == 2
+
+
+def test_the_paired_interval_says_when_a_difference_is_noise():
+    clear = compare.paired([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.05])
+    assert clear.difference == pytest.approx(0.76) and not clear.within_noise
+    assert 0.6 < clear.interval[0] <= 0.76 <= clear.interval[1] < 0.9 and (clear.wins, clear.ties, clear.losses) == (5, 0, 0)
+    mixed = compare.paired([0.5, 0.2, 0.9, 0.1, 0.6, None], [0.4, 0.6, 0.3, 0.5, 0.6, 0.7])
+    assert mixed.paired == 5 and mixed.scored == (5, 6) and mixed.within_noise
+    assert (mixed.wins, mixed.ties, mixed.losses) == (2, 1, 2)
+    assert compare.paired([0.5, 0.2], [0.4, 0.6]).interval == compare.paired([0.5, 0.2], [0.4, 0.6]).interval  # seeded
+    nothing = compare.paired([None, None], [1.0, None])
+    assert nothing.paired == 0 and nothing.difference is None and not nothing.within_noise
+
+
+@pytest.mark.parametrize("threshold, defects", [("low", [0, 1, 1, 1]), ("medium", [0, 0, 1, 1]), ("high", [0, 0, 0, 1])])
+def test_the_safety_threshold_decides_what_counts_as_a_defect(threshold, defects):
+    rows = [{"outputs.violence.violence_score": severity} for severity in (0, 3, 4, 6)] + [{}]
+    values = scoring.row_values({"rows": rows}, "violence", scoring.SAFETY_LEVELS[threshold])
+    assert values == [*defects, None]
+    assert evaluate_chat.parse_args([]).safety_threshold == "medium"  # the Cookbook's
+
+
+def test_a_hub_based_project_is_named_by_subscription_resource_group_and_name(monkeypatch):
+    monkeypatch.setenv("AZURE_AI_PROJECT", "finetunephi-project")
+    monkeypatch.setattr(scoring.config, "AZURE_SUBSCRIPTION_ID", "00000000-1111-2222-3333-444444444444")
+    monkeypatch.setattr(scoring.config, "AZURE_RESOURCE_GROUP_NAME", "finetunephi-rg")
+    assert scoring.ai_project() == {"subscription_id": "00000000-1111-2222-3333-444444444444",
+                                    "resource_group_name": "finetunephi-rg", "project_name": "finetunephi-project"}
+    monkeypatch.setenv("AZURE_AI_PROJECT", "http://not-a-project/x")
+    with pytest.raises(EvaluationStopped, match="must be a Foundry project's endpoint"):
+        scoring.ai_project()
+
+
+def test_the_baselines_int4_form_is_made_once_by_quantize_model(tiny_model_dir, tmp_path, capsys):
+    cache = tmp_path / "baseline-models"
+    mlflow_dir = baseline.mlflow_model(str(tiny_model_dir), cache)
+    int4_dir = baseline.in_form(mlflow_dir, "int4", cache)
+    assert (int4_dir / "MLmodel").is_file() and (int4_dir / "artifacts" / "onnx" / "genai_config.json").is_file()
+    assert "Writing the baseline's int4 form" in capsys.readouterr().out
+    assert baseline.in_form(mlflow_dir, "int4", cache) == int4_dir and capsys.readouterr().out == ""  # once
+    assert baseline.in_form(mlflow_dir, "transformers", cache) == mlflow_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_keeps_the_answers_and_stops_the_served_baseline(offline, stand_in, tiny_model_dir,
+                                                                          chat_files, tmp_path, sig):
+    fine_tuned = stand_in(OK)
+    out = tmp_path / "evaluations"
+    command = [sys.executable, "evaluate_chat.py", "--questions", "all", "--form", "transformers", "--baseline",
+               str(tiny_model_dir), "--out", str(out), "--test-data", str(chat_files[1])]
+    env = {**os.environ, "AZURE_ML_ENDPOINT": fine_tuned.url, "AZURE_ML_API_KEY": "k",
+           "FINETUNE_PHI_ENV_FILE": str(tmp_path / ".env")}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        answers = None
+        while time.monotonic() < deadline and process.poll() is None:
+            found = list(out.glob("*/answers-baseline.jsonl"))
+            if found and found[0].read_text().count("\n") >= 2:
+                answers = found[0]
+                break
+            time.sleep(0.2)
+        assert answers is not None, "the baseline never answered"
+        port = int(re.search(r":(\d+)/score", (answers.parent / "baseline.env").read_text()).group(1))
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1] == ("evaluate_chat.py: stopped; the answers collected so far are kept: run "
+                                               "the same command again to continue")
+    kept = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(kept) >= 2 and all(row["response"] for row in kept)
+    assert not port_is_open(port), "the served baseline was stopped"

@@ -1,0 +1,184 @@
+"""The questions, the run folder, and the answers: asked as the chat asks, kept as they arrive."""
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from chat_evaluation import EvaluationStopped
+
+
+@dataclass
+class Endpoint:
+    """Where one model's answers come from, and what they are: `identity` names it across reruns (a served model's
+    port changes); `form` and `model` say what answers, for the table and the results."""
+
+    name: str
+    url: str
+    key: str
+    concurrency: int
+    identity: str
+    form: str
+    model: str
+    params: dict = field(default_factory=dict)
+
+
+def display(path: Path) -> str:
+    """A path as the learner typed it: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_questions(path: str, count: int | None):
+    """The first `count` questions of the test data (all with None) with their references; one line if unusable."""
+    from finetuning_dir.chat_data import ChatDataError, check_jsonl_file
+    from finetuning_dir.evaluation import read_questions
+
+    try:
+        check_jsonl_file(path)
+    except ChatDataError as e:
+        raise EvaluationStopped(f"test data {e}") from None
+    questions = read_questions(path, count if count is not None else 10**9)
+    if not questions:
+        raise EvaluationStopped(f"test data {path}: no conversation opens with a user turn; nothing to ask")
+    if count is not None and len(questions) < count:
+        print(f"The test data {path} has {len(questions)} questions, fewer than the {count} asked for: "
+              f"evaluating those {len(questions)}.")
+    return questions
+
+
+def run_settings(test_data: str, questions, endpoints: list[Endpoint]) -> dict:
+    """What makes two runs the same run: a rerun with these settings continues an unfinished one."""
+    return {
+        "test_data": str(Path(test_data).resolve()),
+        "questions": len(questions),
+        "endpoints": {e.name: e.identity for e in endpoints},
+        "params": {e.name: e.params for e in endpoints},
+    }
+
+
+def unfinished_run(parent: Path, settings: dict) -> Path | None:
+    """The newest run folder under `parent` with these settings and no results yet."""
+    for run_file in sorted(parent.glob("*/run.json"), reverse=True):
+        if not (run_file.parent / "results.json").exists() and json.loads(run_file.read_text()) == settings:
+            return run_file.parent
+    return None
+
+
+def open_run(parent: Path, settings: dict, fresh: bool) -> Path:
+    """Continue the unfinished run with these settings, or start a new folder <parent>/<time>."""
+    run_dir = None if fresh else unfinished_run(parent, settings)
+    if run_dir is not None:
+        print(f"Continuing the unfinished evaluation in {display(run_dir)} (--fresh starts over).")
+        return run_dir
+    run_dir = parent / datetime.now().strftime("%Y%m%d-%H%M%S")
+    while run_dir.exists():  # two runs within a second
+        run_dir = run_dir.with_name(run_dir.name + "-1")
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(settings, indent=2))
+    return run_dir
+
+
+def kept_answers(path: Path) -> dict[int, dict]:
+    """The answers already collected in `path`, by question number; a line cut short by a crash is dropped."""
+    answers = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                answers[row["line"]] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return answers
+
+
+def write_in_order(path: Path, answers: dict[int, dict]) -> None:
+    """Rewrite the answers file in question order (evaluate() scores it row by row), atomically."""
+    staging = path.with_suffix(".tmp")
+    staging.write_text("".join(json.dumps(answers[i]) + "\n" for i in sorted(answers)), encoding="utf-8")
+    os.replace(staging, path)
+
+
+def ask(endpoint: Endpoint, question: str, timeout: float) -> str:
+    """One question, alone, as the chat's first turn sends it: the flow's prompt and its endpoint call."""
+    import integrate_with_promptflow as flow
+
+    return flow.query_azml_endpoint(flow.phi3_prompt(question, None), endpoint.url, endpoint.key, timeout,
+                                    endpoint.params)
+
+
+def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -> float:
+    """Ask every question not answered yet in `path`, `endpoint.concurrency` at a time, appending each answer as
+    it arrives; return the seconds it took.
+
+    After the first failure no new question is sent, the answers to those in flight are still kept, and
+    EvaluationStopped says why and how many are kept. On Ctrl-C (or SIGTERM, which main() turns into one) the
+    questions still queued are dropped and the answers of those in flight are kept as they come."""
+    import integrate_with_promptflow as flow
+
+    # Kept answers count only for the same question (the file may have changed since); a clean copy of them
+    # drops any line a crash cut short, so that new answers are appended on lines of their own.
+    done = {i: row for i, row in kept_answers(path).items() if i < len(questions) and row["query"] == questions[i].text}
+    write_in_order(path, done)
+    todo = [i for i in range(len(questions)) if i not in done]
+    if not todo:
+        print(f"{endpoint.name}: all {len(questions)} answers were collected before ({display(path)}).")
+        return 0.0
+    print(f"{endpoint.name}: asking {len(todo)} questions of {endpoint.url}, {endpoint.concurrency} at a time"
+          + (f" ({len(done)} kept from before)" if done else ""), flush=True)
+    stopping, failure = threading.Event(), None
+    started = time.monotonic()
+
+    def one(i: int) -> dict | None:
+        if stopping.is_set():  # an earlier question failed: send no new one
+            return None
+        asked = time.monotonic()
+        try:
+            answer = ask(endpoint, questions[i].text, timeout)
+        except flow.EndpointError:
+            stopping.set()
+            raise
+        return {"line": i, "query": questions[i].text, "ground_truth": questions[i].reference, "response": answer,
+                "seconds": round(time.monotonic() - asked, 3)}
+
+    def keep(future, out) -> None:
+        nonlocal failure
+        try:
+            row = future.result()
+        except flow.EndpointError as e:
+            failure = failure or e
+            return
+        if row is None:
+            return
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        done[row["line"]] = row
+        print(f"  {endpoint.name}: {len(done)}/{len(questions)} answered ({row['seconds']:.1f} s)", flush=True)
+
+    with open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(endpoint.concurrency) as pool:
+        futures, handled = [pool.submit(one, i) for i in todo], set()
+        try:
+            for future in as_completed(futures):  # only this thread writes: each answer is on disk at once
+                handled.add(future)
+                keep(future, out)
+        except BaseException:  # Ctrl-C or SIGTERM: nothing new is sent, what is in flight is kept
+            stopping.set()
+            left = [f for f in futures if f not in handled and not f.cancel()]
+            if any(not f.done() for f in left):
+                print(f"\n{endpoint.name}: stopping; keeping the answers in flight as they come", flush=True)
+            for future in as_completed(left):
+                keep(future, out)
+            raise
+    if failure is not None:
+        raise EvaluationStopped(
+            f"{endpoint.name} endpoint: {failure}; {len(done)} of {len(questions)} answers kept in {display(path)}: "
+            "run the same command again to continue"
+        )
+    write_in_order(path, done)
+    return time.monotonic() - started
