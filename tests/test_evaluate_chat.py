@@ -493,7 +493,7 @@ def test_ctrl_c_or_sigterm_keeps_the_answers_and_stops_the_served_baseline(offli
     fine_tuned = stand_in(OK)
     out = tmp_path / "evaluations"
     command = [sys.executable, "evaluate_chat.py", "--questions", "all", "--form", "transformers", "--baseline",
-               str(tiny_model_dir), "--out", str(out), "--test-data", str(chat_files[1])]
+               str(tiny_model_dir), "--out", str(out), "--test-data", str(chat_files[1]), "--max-new-tokens", "8"]
     env = {**os.environ, "AZURE_ML_ENDPOINT": fine_tuned.url, "AZURE_ML_API_KEY": "k",
            "FINETUNE_PHI_ENV_FILE": str(tmp_path / ".env")}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -519,3 +519,18 @@ def test_ctrl_c_or_sigterm_keeps_the_answers_and_stops_the_served_baseline(offli
     kept = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(kept) >= 2 and all(row["response"] for row in kept)
     assert not port_is_open(port), "the served baseline was stopped"
+
+
+def test_importing_step_5_writes_nothing_and_changes_no_setting(tmp_path):
+    code = (
+        "import os, sys, logging; sys.path.insert(0, sys.argv[1]); before = dict(os.environ); "
+        "level = logging.getLogger().level; "
+        "import evaluate_chat, chat_evaluation.collect, chat_evaluation.baseline, chat_evaluation.scoring, "
+        "chat_evaluation.compare, chat_evaluation.report; "
+        "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
+        "assert logging.getLogger().level == level and not logging.getLogger().handlers; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PF_HOME_DIRECTORY"})
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
