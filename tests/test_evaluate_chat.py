@@ -22,7 +22,7 @@ import mlflow
 import pytest
 
 from chat_fixtures import ANSWER, QUESTION, ROOT, endpoint, free_port, port_is_open, stand_in  # noqa: F401
-from conftest import run_main, run_script, write_jsonl
+from conftest import options_without_help, run_main, write_jsonl
 from evaluation_fixtures import AzureOpenAIStandIn, FoundryProjectStandIn, Recording, StaticCredential, make_certificate
 from stand_ins import sample_chats
 
@@ -90,6 +90,12 @@ def stop_line(tmp_path, reason: str, kept: int, asked: int) -> str:
     """The one line evaluate_chat.py stops with when the fine-tuned endpoint fails for `reason`."""
     return (f"evaluate_chat.py: fine-tuned endpoint: {reason}; {kept} of {asked} answers kept in "
             f"{display(answers_file(tmp_path))}: run the same command again to continue")
+
+
+def test_help_explains_every_flag():
+    assert options_without_help(evaluate_chat.parse_args) == []
+    result = run_main(evaluate_chat.main, ["--help"], cwd=ROOT)
+    assert result.returncode == 0 and "docs/evaluation.md" in result.stdout
 
 
 def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model_dir, chat_files, no_nltk_data,
