@@ -172,10 +172,22 @@ def test_the_offline_evaluators_score_for_real_and_download_nothing(offline, tmp
     assert scoring.row_values(result, "f1_score", 4) == pytest.approx(f1)
 
 
-def test_bleu_gleu_and_meteor_join_when_nltks_data_is_here(monkeypatch):
-    monkeypatch.setattr(scoring, "nltk_data_present", lambda: True)
+@pytest.mark.parametrize("present, joined", [(scoring.NLTK_DATA, True), (scoring.NLTK_DATA[1:], False)])
+def test_bleu_gleu_and_meteor_join_when_nltks_data_is_here(monkeypatch, tmp_path, present, joined):
+    # NLTK's own lookup over a data folder that holds the resources (or all but WordNet): no stand-in check.
+    import nltk
+    from azure.ai.evaluation import BleuScoreEvaluator, GleuScoreEvaluator, MeteorScoreEvaluator
+
+    for resource in present:
+        (tmp_path / resource).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / resource).write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an empty zip archive
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     evaluators, left_out = scoring.lexical_evaluators()
-    assert list(evaluators) == ["f1_score", "rouge", "bleu", "gleu", "meteor"] and left_out == []
+    if joined:
+        assert [type(evaluators[n]) for n in ("bleu", "gleu", "meteor")] == [
+            BleuScoreEvaluator, GleuScoreEvaluator, MeteorScoreEvaluator] and left_out == []
+    else:
+        assert list(evaluators) == ["f1_score", "rouge"] and left_out[0].startswith("BLEU, GLEU and METEOR left out")
 
 
 def test_the_ai_assisted_evaluators_ask_the_azure_openai_deployment(offline, stand_in, chats, monkeypatch, tmp_path,
