@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 
 
-def ask_the_flow(question: str, settings: dict | None = None) -> str:
+def ask_the_flow(question: str, settings: dict | None = None, outputs: Path = OUTPUTS) -> str:
     """One question through the Prompt flow, as `pf flow test` answers it; `settings` override .env's."""
     # Greedy decoding, so the tiny model's answer is its best one; pf keeps quiet state under outputs/.
-    env = {**os.environ, **pf_home.prepare(OUTPUTS / "promptflow"), "AZURE_ML_TEMPERATURE": "0", **(settings or {})}
+    env = {**os.environ, **pf_home.prepare(outputs / "promptflow"), "AZURE_ML_TEMPERATURE": "0", **(settings or {})}
     pf = Path(sys.executable).with_name("pf")
     command = [pf, "flow", "test", "--flow", ".", "--inputs", f"input_data={question}"]
     print(f"\n== Step 4: ask the Prompt flow\n$ AZURE_ML_TEMPERATURE=0 {shlex.join(map(str, command))}", flush=True)

@@ -86,7 +86,7 @@ def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, mode
     """Steps 3 and 4 for one form of the model; the endpoint is stopped afterwards unless asked to keep it."""
     endpoint = start_endpoint(port, model_dir, form)
     try:
-        answer = ask_the_flow(question)
+        answer = ask_the_flow(question, outputs=OUTPUTS)
     finally:
         if not keep_endpoint:
             processes.stop(endpoint)  # deploy_model.py --local stops its server on SIGTERM
