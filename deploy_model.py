@@ -240,7 +240,7 @@ def print_what_still_bills(ml_client, endpoint_name, delete_command):
         rows = deployment_rows(ml_client, endpoint_name)
     except HttpResponseError as e:
         rows = [(f"endpoint {endpoint_name} (its deployments could not be listed: {str(e).strip()[:120]})", None)]
-    print(f"Still in the workspace, billing until deleted:\n" + "".join(f"  {text}\n" for text, _ in rows)
+    print("Still in the workspace, billing until deleted:\n" + "".join(f"  {text}\n" for text, _ in rows)
           + f"Remove it: {delete_command}", flush=True)
 
 
@@ -351,7 +351,7 @@ def ask_the_rehearsal(ml_client, endpoint_name, keep=False):
         print(f"\nThe rehearsal passed. --keep: endpoint {endpoint_name} stays up.")
         print_what_still_bills(ml_client, endpoint_name, delete_command(True))
     else:
-        print(f"\nThe rehearsal passed; its endpoint is no longer needed.")
+        print("\nThe rehearsal passed; its endpoint is no longer needed.")
         delete_endpoint(ml_client, endpoint_name)
     print("Its cluster, cpu-rehearsal, scales to 0 by itself. Next: python setup_ml.py (the A100 job).")
     return answer

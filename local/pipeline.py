@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 
-from local import mlflow_store, pf_home
+from local import mlflow_store
 from local.ask_flow import ask_the_flow
 from serving import processes
 
