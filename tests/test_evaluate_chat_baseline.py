@@ -67,8 +67,12 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     assert (run_dir / "baseline.env").exists() and "Serving the baseline" in printed
     assert len((run_dir / "answers-baseline.jsonl").read_text().splitlines()) == 8
     # The same figures in an MLflow run of the suite's store.
-    (run,) = mlflow.search_runs(experiment_names=["finetune-phi"], filter_string="tags.step = 'evaluate_chat' and "
-                                f"attributes.run_name = 'evaluate-chat-{run_dir.name}'", output_format="list")
+    # Read from the store the command logged to (the suite's, from the environment it ran in), not from whatever
+    # store an earlier in-process test left this process's mlflow pointing at.
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    (experiment,) = [e for e in client.search_experiments() if e.name == "finetune-phi"]
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.step = 'evaluate_chat' and "
+                                f"attributes.run_name = 'evaluate-chat-{run_dir.name}'")
     assert run.data.metrics["fine-tuned.f1_score"] == pytest.approx(f1["means"][0])
     assert run.data.metrics["difference.f1_score"] == pytest.approx(f1["difference"])
     assert run.data.metrics["difference_low.f1_score"] == pytest.approx(low)
