@@ -393,8 +393,8 @@ def parse_args(argv=None):
     parser.add_argument("--base-model", choices=("hub", "registry"), default="hub",
                         help="where the job takes microsoft/Phi-3.5-mini-instruct from: hub (the Hugging Face Hub, "
                              "downloaded by the job, as the tutorial does) or registry (Azure ML's own copy, "
-                             f"{REGISTRY_BASE_MODEL}, mounted read-only: no 7.6 GB download, and it works in a "
-                             "workspace whose network blocks outbound traffic) (default: hub)")
+                             f"{REGISTRY_BASE_MODEL}, mounted read-only from Azure's storage: no 7.6 GB download "
+                             "from the internet on every try) (default: hub)")
     parser.add_argument("--rehearsal", action="store_true",
                         help="submit the same job for cents first: the same environment, code, outputs, int4 "
                              "conversion and MLflow logging, with a tiny Phi-3 built here (an input folder) and "
