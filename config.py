@@ -81,8 +81,8 @@ AZURE_OPENAI_ENDPOINT = _setting("AZURE_OPENAI_ENDPOINT", "your_azure_openai_end
 AZURE_OPENAI_API_KEY = _setting("AZURE_OPENAI_API_KEY", "your_azure_openai_api_key")
 AZURE_OPENAI_DEPLOYMENT = _setting("AZURE_OPENAI_DEPLOYMENT", "your_azure_openai_deployment")  # "gpt-4o"
 AZURE_OPENAI_API_VERSION = _setting("AZURE_OPENAI_API_VERSION", "2024-10-21")
-# An Azure AI Foundry project: its safety service judges the answers (self-harm, hate and unfairness,
-# violence, sexual) and each evaluation is logged to it.
+# An Azure AI project: its safety service judges the answers (self-harm, hate and unfairness, violence,
+# sexual) and each evaluation is logged to it. A Foundry project's endpoint, or a hub-based project's name.
 AZURE_AI_PROJECT = _setting(
     "AZURE_AI_PROJECT", "your_azure_ai_project_endpoint"
 )  # "https://{resource}.services.ai.azure.com/api/projects/{project}"
