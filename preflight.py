@@ -54,12 +54,17 @@ def workspace_location(ml_client, workspace_name: str) -> str:
     return ml_client.workspaces.get(workspace_name).location
 
 
+def same_region(a: str | None, b: str | None) -> bool:
+    """Whether two region names are one region ("East US 2" and "eastus2" are)."""
+    return (a or "").replace(" ", "").lower() == (b or "").replace(" ", "").lower()
+
+
 def choose_location(ml_client, workspace_name: str, requested: str | None, script: str) -> str:
     """The requested region, or the workspace's; a region other than the workspace's is warned about."""
     home = workspace_location(ml_client, workspace_name)
     if not requested:
         return home
-    if requested.replace(" ", "").lower() != (home or "").replace(" ", "").lower():
+    if not same_region(requested, home):
         print(f"{script}: warning: --location {requested} is not the workspace's region ({home}); the cluster's "
               "data and logs cross regions, and its quota is that region's")
     return requested

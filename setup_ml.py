@@ -53,7 +53,9 @@ from azure.core.exceptions import ResourceNotFoundError
 
 import config
 from ml_client import OPENMPI_IMAGE, get_ml_client
-from preflight import SizeFacts, check_quota, choose_location, cluster_vcpus, has_gpu, size_facts, workspace_location
+from preflight import (
+    SizeFacts, check_quota, choose_location, cluster_vcpus, has_gpu, same_region, size_facts, workspace_location,
+)
 from prices import cost_for, cost_per_hour
 
 ROOT = Path(__file__).resolve().parent
@@ -151,7 +153,7 @@ def plan_cluster(ml_client, compute_name, instance_type, requested_location, nod
     existing = find_cluster(ml_client, compute_name)
     if existing is not None:
         location = existing.location or workspace_location(ml_client, config.AZURE_ML_WORKSPACE_NAME)
-        if requested_location and requested_location.replace(" ", "").lower() != location.lower():
+        if requested_location and not same_region(requested_location, location):
             print(f"setup_ml.py: warning: cluster '{compute_name}' exists in {location}; --location "
                   f"{requested_location} applies to a new cluster only")
         instance_type = existing.size
