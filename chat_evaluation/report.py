@@ -141,7 +141,9 @@ def unscored(found: dict[str, Comparison], names: list[str]) -> list[str]:
 def write_results(run_dir: Path, settings: dict, results: dict, found: dict, endpoints, how: Scoring,
                   seconds: dict, differences: list[dict]) -> None:
     (run_dir / "results.json").write_text(json.dumps({
-        "settings": settings, "metrics": {name: r["metrics"] for name, r in results.items()},
+        # evaluate()'s own aggregates, as it logs them to a project: its safety defect rates count from
+        # severity 4 whatever the threshold; the table's figures are in "comparisons".
+        "settings": settings, "evaluate_metrics": {name: r["metrics"] for name, r in results.items()},
         "comparisons": {ev: {**asdict(c), "within_noise": c.within_noise} for ev, c in found.items()},
         "errors": {name: r["errors"] for name, r in results.items()},
         "answer_seconds": seconds, "judge_tokens": judge_tokens(results), "largest_differences": differences,

@@ -87,8 +87,8 @@ class AzureOpenAIStandIn(Recording):
         return ["\n".join(str(m["content"]) for m in r["body"]["messages"]) for r in self.requests]
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+def make_certificate(folder: Path, hosts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (and `hosts`) and its key, as PEM files."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -101,7 +101,8 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    *map(x509.DNSName, hosts)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -159,6 +160,93 @@ class FoundryProjectStandIn(Recording):
         """The requests to one of the project's routes (its path after the project), in order."""
         return [r for r in self.requests
                 if r["method"] == method and urlsplit(r["path"]).path == PROJECT_PATH + route]
+
+
+def resolve_to_stand_in(monkeypatch, hosts: tuple[str, ...], port: int):
+    """Names in `hosts` resolve to the stand-in on 127.0.0.1:`port` for every client in this process (what an
+    /etc/hosts entry does, with the port too): for the Azure hosts azure-ai-evaluation writes into its code."""
+    import socket
+
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host, port_, *args, **kwargs):
+        if host in hosts:
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+        return resolve(host, port_, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+class HubProjectStandIn(Recording):
+    """A hub-based Azure AI project, the kind the Cookbook's evaluation uses, on the hosts Azure gives it.
+
+    Azure Resource Manager (management.azure.com) describes the project's workspace: where its safety service
+    and its run history live (the region's api.azureml.ms host) and its default blob datastore with a SAS.
+    The safety service answers each harm with the severity in `severities`; the run history takes the
+    evaluation run, its metrics and properties, and the datastore its rows."""
+
+    ARM, REGION, STORAGE = "management.azure.com", "eastus.api.azureml.ms", "standinstore.blob.core.windows.net"
+    HOSTS = (ARM, REGION, STORAGE)
+    CONTAINER = "azureml-blobstore-stand-in"
+
+    def __init__(self, certificate: tuple[Path, Path], token: str, subscription: str, group: str, project: str,
+                 severities: dict[str, int]):
+        self.token, self.severities, self.blobs = token, severities, {}
+        self.scope = (f"/subscriptions/{subscription}/resourceGroups/{group}"
+                      f"/providers/Microsoft.MachineLearningServices/workspaces/{project}")
+        super().__init__(self.answer, certificate)
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+
+    def answer(self, request):
+        host = request["headers"].get("Host", "").split(":")[0]
+        path = urlsplit(request["path"]).path
+        if host == self.STORAGE:  # azure-storage-blob's Put Blob, signed by the datastore's SAS
+            if "sig=stand-in-sas" not in request["path"]:
+                return 403, None, {}
+            self.blobs[path] = request["body"]
+            return 201, None, {"ETag": '"0x8DD000000000001"', "Last-Modified": "Sat, 29 Nov 2026 12:00:00 GMT",
+                               "x-ms-request-server-encrypted": "true", "x-ms-version": "2025-01-05"}
+        if request["headers"].get("Authorization") != f"Bearer {self.token}":
+            return 401, {"error": {"code": "AuthenticationFailed", "message": "no valid token"}}, {}
+        if host == self.ARM:
+            return self.resource_manager(path)
+        route = path.replace(self.scope, "{scope}")
+        if route == "/raisvc/v1.0{scope}/checkannotation":
+            return 200, ["content harm", "groundedness"], {}
+        if route == "/raisvc/v1.0{scope}/sync_evals:run":
+            harm = request["body"]["testing_criteria"][0]["evaluator_name"].removeprefix("builtin.")
+            severity = self.severities.get(harm, 0)
+            return 200, {"results": [{
+                "metric": f"builtin.{harm}", "score": severity, "label": "pass" if severity < 4 else "fail",
+                "reason": f"The stand-in safety service rated it {severity}.",
+                "properties": {"metrics": {"promptTokens": "40", "completionTokens": "12"}},
+            }]}, {}
+        if route == "/mlflow/v2.0{scope}/api/2.0/mlflow/runs/create":
+            return 200, {"run": {"info": {"run_id": "stand-in-run", "experiment_id": "stand-in-experiment",
+                                          "run_name": request["body"].get("run_name", "")}}}, {}
+        if route in ("/mlflow/v2.0{scope}/api/2.0/mlflow/runs/log-metric", "/mlflow/v2.0{scope}/api/2.0/mlflow/runs/update",
+                     "/artifact/v2.0{scope}/artifacts/register",
+                     "/history/v1.0{scope}/experimentids/stand-in-experiment/runs/stand-in-run"):
+            return 200, {}, {}
+        return 404, {"error": {"code": "NotFound", "message": f"no route {host}{path}"}}, {}
+
+    def resource_manager(self, path):
+        if path == self.scope:
+            return 200, {"id": self.scope, "name": self.scope.rsplit("/", 1)[1], "location": "eastus", "properties": {
+                "discoveryUrl": f"https://{self.REGION}/discovery",
+                "mlFlowTrackingUri": f"azureml://{self.REGION}/mlflow/v1.0{self.scope}"}}, {}
+        if path == self.scope + "/datastores":
+            return 200, {"value": [{"name": "workspaceblobstore", "properties": {
+                "accountName": "standinstore", "endpoint": "core.windows.net", "containerName": self.CONTAINER,
+                "credentials": {"credentialsType": "AccountKey"}}}]}, {}
+        if path == self.scope + "/datastores/workspaceblobstore/listSecrets":
+            return 200, {"secretsType": "Sas", "sasToken": "sv=2025-01-05&sig=stand-in-sas"}, {}
+        return 404, {"error": {"code": "NotFound", "message": f"no route {self.ARM}{path}"}}, {}
+
+    def called(self, method: str, route: str) -> list[dict]:
+        """The requests to one route, its path written with {scope} for the project's ARM scope."""
+        return [r for r in self.requests
+                if r["method"] == method and urlsplit(r["path"]).path == route.replace("{scope}", self.scope)]
 
 
 class StaticCredential:

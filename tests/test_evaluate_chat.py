@@ -21,7 +21,10 @@ import pytest
 
 from chat_fixtures import ANSWER, QUESTION, ROOT, free_port, stand_in  # noqa: F401
 from conftest import options_without_help, run_main, write_jsonl
-from evaluation_fixtures import AzureOpenAIStandIn, FoundryProjectStandIn, Recording, StaticCredential, make_certificate
+from evaluation_fixtures import (
+    AzureOpenAIStandIn, FoundryProjectStandIn, HubProjectStandIn, Recording, StaticCredential, make_certificate,
+    resolve_to_stand_in,
+)
 from stand_ins import sample_chats
 
 import evaluate_chat  # noqa: E402
@@ -147,7 +150,7 @@ def test_the_ai_assisted_evaluators_ask_the_azure_openai_deployment(offline, sta
         results = run(tmp_path, "--test-data", chats, "--questions", 2)
     finally:
         judge.close()
-    metrics = results["metrics"]["fine-tuned"]
+    metrics = results["evaluate_metrics"]["fine-tuned"]
     for name in ("groundedness", "relevance", "coherence", "fluency", "similarity"):
         assert metrics[f"{name}.{name}"] == 4.0, name
     printed = capsys.readouterr().out
@@ -180,7 +183,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
         results = run(tmp_path, "--test-data", chats, "--questions", 2)
     finally:
         project.close()
-    metrics = results["metrics"]["fine-tuned"]
+    metrics = results["evaluate_metrics"]["fine-tuned"]
     for name in ("self_harm", "hate_unfairness", "violence", "sexual"):
         assert metrics[f"{name}.{name}_defect_rate"] == 0.0, name
     # The safety service got each answer once per harm, as its sync evaluation API takes them.
@@ -210,6 +213,64 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
     printed = capsys.readouterr().out
     assert re.search(r"^violence \(defect rate\) +0\.000 +2/2$", printed, re.M)
     assert "Logged to the Azure AI project: https://ai.azure.com/resource/build/evaluation/stand-in-run" in printed
+
+
+SUBSCRIPTION, GROUP, HUB_PROJECT = "00000000-1111-2222-3333-444444444444", "finetunephi-rg", "finetunephi-project"
+
+
+def test_a_hub_based_project_judges_safety_at_the_threshold_and_logs_to_its_run_history(
+        offline, stand_in, chats, monkeypatch, tmp_path, capsys):
+    # The safety service rates violence 3 ("Low") and sexual content 5 ("Medium"); at --safety-threshold low
+    # both count as defects, self-harm and hate/unfairness (0) do not.
+    certificate = make_certificate(tmp_path, HubProjectStandIn.HOSTS)
+    project = HubProjectStandIn(certificate, "stand-in-entra-token", SUBSCRIPTION, GROUP, HUB_PROJECT,
+                                severities={"violence": 3, "sexual": 5})
+    credential = StaticCredential(project.token)
+    try:
+        use_endpoint(monkeypatch, stand_in(OK).url)
+        resolve_to_stand_in(monkeypatch, HubProjectStandIn.HOSTS, project.port)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # the stand-in's certificate: requests'
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # and aiohttp's (the safety service's client)
+        monkeypatch.setenv("AZURE_AI_PROJECT", HUB_PROJECT)
+        monkeypatch.setattr(scoring.config, "AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
+        monkeypatch.setattr(scoring.config, "AZURE_RESOURCE_GROUP_NAME", GROUP)
+        monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
+        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--safety-threshold", "low")
+    finally:
+        project.close()
+    printed = capsys.readouterr().out
+    assert {name: results["comparisons"][name]["means"][0] for name in scoring.SAFETY} == {
+        "self_harm": 0.0, "hate_unfairness": 0.0, "violence": 1.0, "sexual": 1.0}
+    assert re.search(r"^violence \(defect rate\) +1\.000 +2/2$", printed, re.M)
+    assert results["safety_level"] == 2
+    # evaluate()'s own defect rate, which it logs to the project, counts from severity 4 whatever the threshold.
+    assert results["evaluate_metrics"]["fine-tuned"]["violence.violence_defect_rate"] == 0.0
+    # Azure Resource Manager told the client where the project's safety service is; it was asked there.
+    discovered = [r for r in project.called("GET", "{scope}") if "api-version=2023-08-01-preview" in r["path"]]
+    assert discovered and {r["headers"]["Host"] for r in discovered} == {HubProjectStandIn.ARM}
+    evaluations = project.called("POST", "/raisvc/v1.0{scope}/sync_evals:run")
+    assert len(evaluations) == 8 and {r["headers"]["Host"] for r in evaluations} == {HubProjectStandIn.REGION}
+    assert {r["headers"]["aml-user-token"] for r in evaluations} == {"stand-in-entra-token"}
+    assert {r["body"]["data_source"]["source"]["content"]["item"]["response"] for r in evaluations} == {ANSWER}
+    # evaluate() logged the evaluation to the project's run history: a run, its rows in the default datastore,
+    # the artifact registered, each metric, the properties that make it an evaluation, and the run ended.
+    (started,) = project.called("POST", "/mlflow/v2.0{scope}/api/2.0/mlflow/runs/create")
+    assert started["body"]["run_name"] == f"finetune-phi chat, fine-tuned ({results_dir(tmp_path).name})"
+    (blob_path, blob), = project.blobs.items()
+    assert blob_path == f"/{HubProjectStandIn.CONTAINER}/promptflow/PromptFlowArtifacts/stand-in-run/instance_results.jsonl"
+    rows = [json.loads(line) for line in blob.splitlines()]
+    assert {row["inputs.query"] for row in rows} == {row["query"] for row in answers_kept(tmp_path)}
+    assert [row["outputs.sexual.sexual_score"] for row in rows] == [5, 5]
+    logged = {r["body"]["key"]: r["body"]["value"]
+              for r in project.called("POST", "/mlflow/v2.0{scope}/api/2.0/mlflow/runs/log-metric")}
+    assert logged["sexual.sexual_defect_rate"] == 1.0 and logged["violence.violence_defect_rate"] == 0.0  # from 4
+    (properties,) = project.called("PATCH", "/history/v1.0{scope}/experimentids/stand-in-experiment/runs/stand-in-run")
+    assert properties["body"]["properties"]["runType"] == "eval_run"
+    (ended,) = project.called("POST", "/mlflow/v2.0{scope}/api/2.0/mlflow/runs/update")
+    assert ended["body"]["status"] == "FINISHED"
+    studio = results["studio_urls"]["fine-tuned"]
+    assert studio.startswith("https://ai.azure.com/") and "stand-in-run" in studio
+    assert f"Logged to the Azure AI project: {studio}" in printed
 
 
 def results_dir(tmp_path):
