@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The local endpoint's server, azmlinfsrv, pins packages .venv cannot share: it gets its own
 # virtualenv, which then sees .venv's packages (mlflow, transformers, torch) after its own.
 SERVER_VENV := .venv-azmlinfsrv
+# Step 4b's chat on Microsoft Agent Framework needs OpenTelemetry newer than promptflow allows: its own
+# virtualenv, with nothing of .venv's.
+AGENT_VENV := .venv-agent
 
 .PHONY: local test setup clean
 
@@ -16,7 +19,7 @@ local: setup
 test: setup
 	$(PY) -m pytest
 
-setup: $(VENV)/.installed $(SERVER_VENV)/.installed
+setup: $(VENV)/.installed $(SERVER_VENV)/.installed $(AGENT_VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +34,13 @@ $(SERVER_VENV)/.installed: requirements-azmlinfsrv.txt $(VENV)/.installed
 	$(SERVER_VENV)/bin/python -m pip check
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
 	  "$$($(SERVER_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finetune_phi_main_venv.pth"
+	touch $@
+
+$(AGENT_VENV)/.installed: requirements-agent.txt
+	test -x $(AGENT_VENV)/bin/python || $(PYTHON) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AGENT_VENV)/bin/python -m pip install --quiet -r requirements-agent.txt
+	$(AGENT_VENV)/bin/python -m pip check
 	touch $@
 
 # Remove what runs wrote (data, models, MLflow store, scratch); keeps .venv and .env.

@@ -6,8 +6,9 @@ azure-ai-evaluation, from this machine:
   1. it reads the first --questions conversations of the test data (TEST_DATA_PATH): the first user
      turn of each is the question, the first assistant turn its reference answer;
   2. it asks them of the endpoint in .env (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY; local or Azure) through
-     the Prompt flow's own call (integrate_with_promptflow.py: the same prompt, params, timeout,
-     retries and error messages), as many at once as the deployment of its form admits;
+     the Prompt flow's own call (chat/endpoint.py: the same prompt, params, timeout, retries and error
+     messages), or with --chat agent through the Agent Framework chat (served for the run, asked with
+     openai), as many at once as the deployment of its form admits;
   3. it asks the same of the model before fine-tuning, like against like: --baseline MODEL is served
      here for the run in the form the fine-tuned model is served in (int4 by default: made by
      quantize_model.py, served by the same scoring script), with the same params, greedy by default;
@@ -30,6 +31,7 @@ What it costs on Azure (endpoint time, Azure OpenAI tokens) and how to read the 
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -69,6 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-form", choices=sorted(FORMS), default=None,
                         help="the form the baseline is served or deployed in (default: --form's, like against like; "
                              "another is named as such in the table)")
+    parser.add_argument("--chat", choices=("flow", "agent"), default="flow",
+                        help="how the questions are asked: flow, the Prompt flow tool's call, in this process; agent, "
+                             "through step 4b's Agent Framework chat, served from .venv-agent for the run and asked "
+                             "through its OpenAI-compatible API (default: flow)")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="questions sent at once to the fine-tuned endpoint, instead of its form's figure")
     parser.add_argument("--baseline-concurrency", type=int, default=None,
@@ -105,13 +111,13 @@ def parse_args(argv=None):
 def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
     """The fine-tuned endpoint and the baseline's, with the same params (a served baseline's URL and key come once
     it is live); the chat's own settings, checked as the chat checks them."""
-    import integrate_with_promptflow as flow
+    from chat.endpoint import EndpointError, endpoint_settings
 
     comparing = bool(args.baseline or args.baseline_endpoint)
     temperature = 0 if args.temperature is None and comparing else args.temperature
     try:
-        url, key, timeout, params = flow.endpoint_settings(temperature, args.max_new_tokens)
-    except flow.EndpointError as e:
+        url, key, timeout, params = endpoint_settings(temperature, args.max_new_tokens)
+    except EndpointError as e:
         raise EvaluationStopped(str(e)) from None
     fine_tuned = Endpoint("fine-tuned", url, key, args.concurrency or FORMS[args.form].max_concurrent_requests, url,
                           args.form, "the fine-tuned model at AZURE_ML_ENDPOINT", params)
@@ -130,18 +136,39 @@ def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
     return endpoints, timeout
 
 
+@contextlib.contextmanager
+def asked_through(chat: str, endpoint: Endpoint, timeout: float, run_dir: Path):
+    """For the block, `endpoint` is asked through the Agent Framework chat (served for it) when --chat agent."""
+    if chat == "flow":
+        yield
+        return
+    from chat.endpoint import EndpointError
+    from local.ask_agent import agent_chat
+
+    try:
+        with agent_chat(collect.chat_settings(endpoint, timeout), run_dir / f"agent-chat-{endpoint.name}.log") as served:
+            endpoint.through = served.ask
+            yield
+    except EndpointError as e:
+        raise EvaluationStopped(str(e)) from None
+    finally:
+        endpoint.through = None
+
+
 def collect_all(args, endpoints, questions, run_dir, timeout) -> dict[str, float]:
     """Every endpoint's answers; a --baseline is served for as long as it is asked, and stopped however that ends."""
     seconds = {}
     for endpoint in endpoints:
         answers = run_dir / f"answers-{endpoint.name}.jsonl"
-        if endpoint.url or len(collect.kept_answers(answers)) == len(questions):
+        if len(collect.kept_answers(answers)) == len(questions):
             seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
             continue
-        cache = args.out / "baseline-models"
-        model_dir = baseline.in_form(baseline.mlflow_model(args.baseline, cache), endpoint.form, cache)
-        with baseline.served(model_dir, endpoint.form, run_dir) as (url, key):
-            endpoint.url, endpoint.key = url, key
+        with contextlib.ExitStack() as serving:
+            if not endpoint.url:
+                cache = args.out / "baseline-models"
+                model_dir = baseline.in_form(baseline.mlflow_model(args.baseline, cache), endpoint.form, cache)
+                endpoint.url, endpoint.key = serving.enter_context(baseline.served(model_dir, endpoint.form, run_dir))
+            serving.enter_context(asked_through(args.chat, endpoint, timeout, run_dir))
             seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
     return seconds
 
@@ -151,7 +178,7 @@ def evaluate_chat(args) -> Path:
     endpoints, timeout = endpoints_to_ask(args)
     questions = collect.load_questions(args.test_data, None if args.questions == "all" else int(args.questions))
     how = scoring.scoring(args.safety_threshold)  # settings checked before any question is sent
-    settings = collect.run_settings(args.test_data, questions, endpoints)
+    settings = {**collect.run_settings(args.test_data, questions, endpoints), "chat": args.chat}
     run_dir = collect.open_run(args.out, settings, args.fresh)
     seconds = collect_all(args, endpoints, questions, run_dir, timeout)
     results = {e.name: scoring.score(e.name, run_dir / f"answers-{e.name}.jsonl", run_dir, how) for e in endpoints}
@@ -182,7 +209,7 @@ def quiet_the_tools() -> None:
     os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")  # see local/pf_home.py
     os.environ.setdefault("PF_LOGGING_LEVEL", "WARNING")
     logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("integrate_with_promptflow").setLevel(logging.WARNING)
+    logging.getLogger("chat.endpoint").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 

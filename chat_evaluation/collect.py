@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from chat.endpoint import EndpointError
 from chat_evaluation import EvaluationStopped
 
 
@@ -25,6 +26,15 @@ class Endpoint:
     form: str
     model: str
     params: dict = field(default_factory=dict)
+    through: object = None  # a served chat's ask(question), when the questions go through one
+
+
+def chat_settings(endpoint: Endpoint, timeout: float) -> dict:
+    """The chat's settings (.env's names) that make a chat server ask `endpoint` as the flow's call does."""
+    greedy = not endpoint.params.get("do_sample", True)
+    return {"AZURE_ML_ENDPOINT": endpoint.url, "AZURE_ML_API_KEY": endpoint.key, "AZURE_ML_REQUEST_TIMEOUT": str(timeout),
+            "AZURE_ML_TEMPERATURE": "0" if greedy else str(endpoint.params["temperature"]),
+            "AZURE_ML_MAX_NEW_TOKENS": str(endpoint.params["max_new_tokens"])}
 
 
 def display(path: Path) -> str:
@@ -106,11 +116,13 @@ def write_in_order(path: Path, answers: dict[int, dict]) -> None:
 
 
 def ask(endpoint: Endpoint, question: str, timeout: float) -> str:
-    """One question, alone, as the chat's first turn sends it: the flow's prompt and its endpoint call."""
-    import integrate_with_promptflow as flow
+    """One question, alone, as the chat's first turn sends it: through a served chat, or with the call the Prompt
+    flow's tool makes (chat/endpoint.py)."""
+    from chat import endpoint as model
 
-    return flow.query_azml_endpoint(flow.phi3_prompt(question, None), endpoint.url, endpoint.key, timeout,
-                                    endpoint.params)
+    if endpoint.through is not None:
+        return endpoint.through(question)
+    return model.query_azml_endpoint(model.phi3_prompt(question), endpoint.url, endpoint.key, timeout, endpoint.params)
 
 
 def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -> float:
@@ -120,8 +132,6 @@ def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -
     After the first failure no new question is sent, the answers to those in flight are still kept, and
     EvaluationStopped says why and how many are kept. On Ctrl-C (or SIGTERM, which main() turns into one) the
     questions still queued are dropped and the answers of those in flight are kept as they come."""
-    import integrate_with_promptflow as flow
-
     # Kept answers count only for the same question (the file may have changed since); a clean copy of them
     # drops any line a crash cut short, so that new answers are appended on lines of their own.
     done = {i: row for i, row in kept_answers(path).items() if i < len(questions) and row["query"] == questions[i].text}
@@ -141,7 +151,7 @@ def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -
         asked = time.monotonic()
         try:
             answer = ask(endpoint, questions[i].text, timeout)
-        except flow.EndpointError:
+        except EndpointError:
             stopping.set()
             raise
         return {"line": i, "query": questions[i].text, "ground_truth": questions[i].reference, "response": answer,
@@ -151,7 +161,7 @@ def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -
         nonlocal failure
         try:
             row = future.result()
-        except flow.EndpointError as e:
+        except EndpointError as e:
             failure = failure or e
             return
         if row is None:

@@ -9,7 +9,9 @@ Each step is the learner's own command, printed before it runs:
   3. deploy_model.py --local: each form behind a local endpoint with the Azure managed online
      endpoint's scoring contract, in the background (its URI and key go to .env), the
      transformers model first, then the int4 form that deploy_model.py serves by default;
-  4. pf flow test: one question through the tutorial's Prompt flow to each;
+  4. pf flow test: one question through the tutorial's Prompt flow to each; then 4b, the same
+     question to the int4 endpoint through the chat on Microsoft Agent Framework (served from
+     .venv-agent, asked through its OpenAI-compatible API, stopped);
   5. evaluate_chat.py: the first questions of the test data through the flow's call to the int4
      endpoint and to the base model (served for the run), scored offline with azure-ai-evaluation,
      one table of both. Each endpoint is stopped afterwards (--keep-endpoint leaves the int4 one
@@ -28,6 +30,7 @@ from pathlib import Path
 
 
 from local import mlflow_store
+from local.ask_agent import ask_the_agent
 from local.ask_flow import ask_the_flow
 from serving import processes
 
@@ -40,7 +43,9 @@ To chat with the model in your browser, in two terminals:
   . .venv/bin/activate
   python deploy_model.py --local                                           # terminal 1: the int4 endpoint (Ctrl-C stops it)
   pf flow serve --source ./ --port 8080 --host localhost --engine fastapi  # terminal 2: the flow and its chat page
-then open http://localhost:8080/ (or POST {{"input_data": "..."}} to http://localhost:8080/score).{running}"""
+then open http://localhost:8080/ (or POST {{"input_data": "..."}} to http://localhost:8080/score).
+The same chat on Microsoft Agent Framework, in a terminal of its own:
+  .venv-agent/bin/python -m chat.serve_agent                               # page http://localhost:8090/, API /v1{running}"""
 
 
 def run(step: str, command: list, check: bool = True) -> subprocess.CompletedProcess:
@@ -141,6 +146,7 @@ def main(argv=None):
     serve_and_ask(args.port, keep_endpoint=False, form="transformers")
     _, endpoint = serve_and_ask(args.port, keep_endpoint=True, form="int4")
     try:
+        print(f"\nQ: {QUESTION}\nA (int4, Agent Framework): {ask_the_agent(QUESTION, OUTPUTS)}")
         if args.eval_questions:
             from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
 

@@ -19,7 +19,7 @@ import os
 import azureml_inference_server_http.amlserver as amlserver
 import azureml_inference_server_http.amlserver_linux as amlserver_linux
 
-KEY_HELP = "the key is AZURE_ML_API_KEY in .env (written when the endpoint started)"
+KEY_HELP = "the key is `AZURE_ML_API_KEY` in `.env` (written when the endpoint started)"
 
 
 def key_problem(authorization: str | None, key: str) -> str | None:

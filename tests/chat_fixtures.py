@@ -126,6 +126,39 @@ class FlowServer(Server):
         return requests.post(self.base_url + "/score", json=body, timeout=300)
 
 
+AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
+
+
+class AgentServer(Server):
+    """`.venv-agent/bin/python -m chat.serve_agent --port P`, the README's step 4b: DevUI serving the agent."""
+
+    def __init__(self, env: dict, log: Path, *flags):
+        self.port = free_port()
+        self.base_url = f"http://localhost:{self.port}"
+        super().__init__([AGENT_PYTHON, "-m", "chat.serve_agent", "--port", self.port, *flags], env, log,
+                         self.base_url + "/health")
+
+    def entity_id(self) -> str:
+        """The agent's id, which DevUI makes anew at each start (its OpenAI API routes by it)."""
+        (entity,) = requests.get(self.base_url + "/v1/entities", timeout=30).json()["entities"]
+        return entity["id"]
+
+    def client(self):
+        """openai's client, pointed at the server's OpenAI-compatible API."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url + "/v1", api_key="unused-on-localhost", timeout=300, max_retries=0)
+
+    def ask(self, question: str, conversation: str | None = None):
+        """One question through the Responses API (in `conversation`, to keep the chat's history)."""
+        agent = self.entity_id()
+        extra = {"conversation": conversation} if conversation else {}
+        return self.client().responses.create(model=agent, input=question, metadata={"entity_id": agent}, **extra)
+
+    def new_conversation(self) -> str:
+        return self.client().conversations.create().id
+
+
 def pf_flow_test(env: dict, *inputs: str, timeout=300) -> tuple[subprocess.CompletedProcess, float]:
     """`pf flow test --flow . [--inputs ...]`; the result and how long it took."""
     command = [str(PF), "flow", "test", "--flow", "."]
@@ -235,6 +268,16 @@ def flow_server(endpoint, quiet_pf_home, tmp_path_factory):
     env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
     server = FlowServer(env,
                         tmp_path_factory.mktemp("flow-serve") / "pf-serve.log")
+    yield server.wait_until_live(timeout=120)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_server(endpoint, tmp_path_factory):
+    """Step 4b's Agent Framework chat in front of the endpoint, found through the endpoint's .env; greedy, as
+    flow_server."""
+    server = AgentServer({"FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"},
+                         tmp_path_factory.mktemp("agent-serve") / "agent-serve.log")
     yield server.wait_until_live(timeout=120)
     server.stop()
 

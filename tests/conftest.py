@@ -44,6 +44,11 @@ def pytest_configure(config):
     if "PYTEST_XDIST_WORKER" in os.environ:  # each worker process keeps its own stores (SQLite, caches)
         scratch = scratch / os.environ["PYTEST_XDIST_WORKER"]
         os.environ["FINETUNE_PHI_TEST_SCRATCH"] = str(scratch)
+        # One torch thread per worker and per process it starts: the workers share the cores, and two
+        # workers' thread pools, each as wide as the machine, spin against each other.
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ.setdefault("MKL_NUM_THREADS", str(threads))
     scratch.mkdir(parents=True, exist_ok=True)
     for name in [name for name in os.environ if is_a_setting(name)]:
         os.environ.pop(name)

@@ -1,10 +1,11 @@
-"""The chat page of `pf flow serve`, used in a real browser: headless Chromium driven by Playwright.
+"""The chat pages of `pf flow serve` and of the Agent Framework chat (DevUI), used in a real browser: headless
+Chromium driven by Playwright.
 
-A question typed into the page travels page -> pf flow serve -> the flow's tool -> the local
-endpoint (azmlinfsrv) -> the fine-tuned tiny model, and its answer is read off the page; a
-follow-up question then needs the chat history to be answered right. The page is saved as
-.scratch/tests/artifacts/chat-page.png. The browser may reach localhost only: everything else
-the page asks for (web fonts) is refused.
+A question typed into the page travels page -> pf flow serve (or DevUI) -> the flow's tool (or the
+agent's chat client) -> the local endpoint (azmlinfsrv) -> the fine-tuned tiny model, and its
+answer is read off the page; a follow-up question then needs the chat history to be answered
+right. The pages are saved under .scratch/tests/artifacts/. The browser may reach localhost only:
+everything else the page asks for (web fonts) is refused.
 """
 
 import os
@@ -15,7 +16,7 @@ import pytest
 import requests
 
 from chat_fixtures import (  # noqa: F401
-    ANSWER, ARTIFACTS, QUESTION, FlowServer, endpoint, flow_server, quiet_pf_home,
+    ANSWER, ARTIFACTS, QUESTION, AgentServer, FlowServer, agent_server, endpoint, flow_server, quiet_pf_home,
 )
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,12 +38,18 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, flow_server):
+def local_page(browser, port: int):
+    """A page that may load from localhost:`port` only."""
     context = browser.new_context(viewport={"width": 1200, "height": 800})
     page = context.new_page()
-    local = f"http://localhost:{flow_server.port}/"
+    local = f"http://localhost:{port}/"
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(local) else route.abort())
+    return context, page
+
+
+@pytest.fixture
+def page(browser, flow_server):
+    context, page = local_page(browser, flow_server.port)
     yield page
     context.close()
 
@@ -82,4 +89,57 @@ def test_the_default_flask_engine_cannot_show_the_page(endpoint, quiet_pf_home, 
         # The flow itself still answers on /score.
         assert requests.post(server.base_url + "/score", json={"input_data": QUESTION}, timeout=120).status_code == 200
     finally:
+        server.stop()
+
+
+def ask_devui(page, question: str, expected: str):
+    """Type into DevUI's chat box, send with Enter, and wait for `expected` on the page."""
+    box = page.locator("textarea")
+    box.fill(question)
+    box.press("Enter")
+    page.get_by_text(expected).last.wait_for(timeout=120_000)
+
+
+def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browser, agent_server):
+    context, page = local_page(browser, agent_server.port)
+    try:
+        page.goto(agent_server.base_url + "/")
+        page.locator("textarea").wait_for(timeout=60_000)
+        ask_devui(page, QUESTION, ANSWER)
+        ask_devui(page, "Is that right?", "Yes, that is right.")  # only right with the first turn as history
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "agent-chat-page.png"))
+        texts = page.locator("body").inner_text()
+        assert texts.index(QUESTION) < texts.index(ANSWER) < texts.index("Is that right?") < texts.index(
+            "Yes, that is right.")
+    finally:
+        context.close()
+
+
+def test_the_agent_framework_chat_page_shows_the_flows_line_for_a_wrong_key(browser, endpoint, tmp_path):
+    import integrate_with_promptflow as flow
+
+    settings = endpoint.settings()
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"AZURE_ML_ENDPOINT={settings['AZURE_ML_ENDPOINT']}\nAZURE_ML_API_KEY=not-the-key\n")
+    server = AgentServer({"FINETUNE_PHI_ENV_FILE": str(env_file)}, tmp_path / "agent-serve.log")
+    context = None
+    try:
+        server.wait_until_live(timeout=120)
+        context, page = local_page(browser, server.port)
+        page.goto(server.base_url + "/")
+        page.locator("textarea").wait_for(timeout=60_000)
+        # The flow's own line, after DevUI's "Agent execution error: ". The page renders it as Markdown: the
+        # names in backticks show as code, without them.
+        with pytest.raises(flow.EndpointError) as failed:
+            flow.endpoint.query_azml_endpoint(QUESTION, settings["AZURE_ML_ENDPOINT"], "not-the-key", 30, {})
+        line = f"Agent execution error: {failed.value}".replace("`", "")
+        ask_devui(page, QUESTION, line)
+        assert "AZURE_ML_API_KEY" in line
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "agent-chat-page-wrong-key.png"))
+        assert server.process.poll() is None and "not-the-key" not in server.output()
+    finally:
+        if context:
+            context.close()
         server.stop()

@@ -285,7 +285,7 @@ def results_dir(tmp_path):
 def test_an_unreachable_endpoint_stops_with_one_line(chats, monkeypatch, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/score"
     use_endpoint(monkeypatch, url, "some-key")
-    monkeypatch.setattr(flow, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
+    monkeypatch.setattr(flow.endpoint, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
     message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
     assert message == stop_line(tmp_path, f"could not connect to {url} (after 3 retries): is the endpoint running? "
                                           f"{flow.HOW_TO_SET} (ConnectionError)", kept=0, asked=2)
@@ -357,7 +357,7 @@ def test_more_questions_than_the_data_holds_evaluates_those_there_are(offline, s
 
 
 def test_no_endpoint_in_env_says_how_to_start_one(tmp_path):
-    assert stopped_with(tmp_path) == f"evaluate_chat.py: AZURE_ML_ENDPOINT is not set: {flow.HOW_TO_SET}"
+    assert stopped_with(tmp_path) == f"evaluate_chat.py: `AZURE_ML_ENDPOINT` is not set: {flow.HOW_TO_SET}"
 
 
 def test_half_an_azure_openai_setting_is_refused(stand_in, chats, monkeypatch, tmp_path):

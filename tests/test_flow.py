@@ -56,7 +56,8 @@ def test_the_flow_is_the_tutorials_made_a_chat_flow():
     (node,) = flow["nodes"]
     assert node["name"] == "integrate_with_promptflow"
     assert node["source"] == {"type": "code", "path": "integrate_with_promptflow.py"}
-    source = (ROOT / "integrate_with_promptflow.py").read_text() + (ROOT / "flow.dag.yml").read_text()
+    source = "".join((ROOT / name).read_text() for name in ("integrate_with_promptflow.py", "flow.dag.yml",
+                                                            "chat/endpoint.py"))  # the tool and the call it makes
     assert "Bearer" in source and "your_fine_tuned_model_api_key" not in source  # no key in a source file
 
 
@@ -111,7 +112,9 @@ def test_a_env_file_in_the_flow_folder_does_not_shadow_the_settings(endpoint, qu
 
     flow = tmp_path / "flow"
     (flow / "finetuning_dir").mkdir(parents=True)
-    for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py", "finetuning_dir/chat_data.py"):
+    (flow / "chat").mkdir()
+    for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py", "finetuning_dir/chat_data.py",
+                 "chat/__init__.py", "chat/endpoint.py"):
         shutil.copy(ROOT / name, flow / name)  # what the flow's tool imports
     (flow / ".env").write_text(f"AZURE_ML_ENDPOINT=http://127.0.0.1:{free_port()}/score\nAZURE_ML_API_KEY=stale\n")
     env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
@@ -185,7 +188,7 @@ def test_hanging_endpoint_fails_within_the_timeout(ask, stand_in):
     with pytest.raises(EndpointError) as error:
         ask(hanging.url, AZURE_ML_REQUEST_TIMEOUT="1")
     assert f"no answer from {hanging.url} within 1 s" in str(error.value)
-    assert "raise AZURE_ML_REQUEST_TIMEOUT" in str(error.value)
+    assert "raise `AZURE_ML_REQUEST_TIMEOUT`" in str(error.value)
     assert len(hanging.requests) == 1, "a timed-out request is not sent again"
     assert time.monotonic() - started < 1 + 5
 
@@ -196,7 +199,7 @@ def test_wrong_key_names_the_fix(endpoint, ask):
     with pytest.raises(EndpointError) as error:
         ask(endpoint.url, AZURE_ML_API_KEY="an-old-key")
     assert f"the endpoint {endpoint.url} answered HTTP 401 UNAUTHORIZED" in str(error.value)
-    assert "AZURE_ML_API_KEY in .env is not this endpoint's key" in str(error.value)
+    assert "`AZURE_ML_API_KEY` in `.env` is not this endpoint's key" in str(error.value)
 
 
 def test_exported_settings_win_over_env_file(endpoint, quiet_pf_home, tmp_path):
@@ -213,7 +216,7 @@ def test_unset_endpoint_names_the_fix(ask):
 
     with pytest.raises(EndpointError) as error:
         ask(None)  # no AZURE_ML_ENDPOINT exported, and the suite's .env file does not exist
-    assert "AZURE_ML_ENDPOINT is not set: start the local endpoint with `python deploy_model.py --local`" in str(
+    assert "`AZURE_ML_ENDPOINT` is not set: start the local endpoint with `python deploy_model.py --local`" in str(
         error.value)
 
 
@@ -287,9 +290,9 @@ def test_429_that_persists_ends_with_one_message(ask, stand_in, backoff):
 @pytest.mark.parametrize(
     "status, fix",
     [
-        (401, "the endpoint refused the key: AZURE_ML_API_KEY in .env is not this endpoint's key"),
-        (403, "the key may not call this endpoint: check AZURE_ML_API_KEY"),
-        (404, "nothing is served at AZURE_ML_ENDPOINT: it must be the REST endpoint ending in /score"),
+        (401, "the endpoint refused the key: `AZURE_ML_API_KEY` in `.env` is not this endpoint's key"),
+        (403, "the key may not call this endpoint: check `AZURE_ML_API_KEY`"),
+        (404, "nothing is served at `AZURE_ML_ENDPOINT`: it must be the REST endpoint ending in `/score`"),
         (502, "check the deployment's logs (or the local endpoint's console)"),
     ],
 )
@@ -311,7 +314,7 @@ GATEWAY_FAILURES = [
      "the model failed: read the deployment's logs (the studio's endpoint page, Logs tab)"),
     ("400", "'input_data': Invalid input data type to parse. Expected: <class 'list'> but got <class 'str'>",
      "the model refused the request: its message says what to change"),
-    ("408", "Scoring timeout after 180000 ms", "ask for a shorter answer (AZURE_ML_MAX_NEW_TOKENS)"),
+    ("408", "Scoring timeout after 180000 ms", "ask for a shorter answer (`AZURE_ML_MAX_NEW_TOKENS`)"),
 ]
 
 
@@ -378,7 +381,7 @@ def test_bad_settings_are_named(ask, stand_in, name, value, rule):
     server = stand_in((200, ["ok"], {}))
     with pytest.raises(EndpointError) as error:
         ask(server.url, **{name: value})
-    assert str(error.value) == f"{name} must be {rule}, got '{value}'"
+    assert str(error.value) == f"`{name}` must be {rule}, got '{value}'"
     assert server.requests == []
 
 

@@ -147,3 +147,19 @@ def test_the_int4_serving_environment_resolves_without_torch_or_cuda(azure_envir
     serving = azure_environments["serving"]
     assert "onnxruntime-genai" in serving and "azureml-inference-server-http" in serving
     assert not [name for name in serving if name.startswith(("torch", "nvidia-", "cuda-"))], sorted(serving)
+
+
+def test_the_agent_environment_is_the_pinned_one_and_consistent():
+    # Step 4b's .venv-agent, built by `make setup` from requirements-agent.txt: exactly those pins, and pip check
+    # clean there (Agent Framework's OpenTelemetry, which promptflow-tracing refuses, lives only there).
+    agent_python = ROOT / ".venv-agent" / "bin" / "python"
+    pinned = pins((ROOT / "requirements-agent.txt").read_text().splitlines())
+    assert pinned["agent-framework-core"] == "1.23.0" and pinned["agent-framework-devui"] == "1.0.0b261022"
+    frozen = subprocess.run([agent_python, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert pins(frozen) == pinned
+    check = subprocess.run([agent_python, "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert int(pinned["opentelemetry-api"].split(".")[1]) >= 39
+    requirements = pins((ROOT / "requirements.txt").read_text().splitlines())
+    assert int(requirements["opentelemetry-api"].split(".")[1]) < 39  # why it is an environment of its own
