@@ -49,6 +49,9 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+        import torch  # already imported (stand_ins), so the variable came too late for this process
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     scratch.mkdir(parents=True, exist_ok=True)
     for name in [name for name in os.environ if is_a_setting(name)]:
         os.environ.pop(name)
@@ -110,9 +113,11 @@ def run_script(args, cwd, env=None, timeout=600):
 
 def run_main(main, args, cwd) -> subprocess.CompletedProcess:
     """A script's main(argv) in this process, answering as run_script would (exit status, stdout,
-    stderr): for its error paths, where a new process would spend seconds importing torch or datasets."""
+    stderr): for its error paths, where a new process would spend seconds importing torch or datasets.
+    The settings it changes end with it, as its process would (a benchmark points MLflow at a store it
+    deletes on the way out)."""
     out, err = io.StringIO(), io.StringIO()
-    here = os.getcwd()
+    here, environment = os.getcwd(), dict(os.environ)
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -125,6 +130,8 @@ def run_main(main, args, cwd) -> subprocess.CompletedProcess:
                 code = 1 if isinstance(stop.code, str) else stop.code or 0
     finally:
         os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environment)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
