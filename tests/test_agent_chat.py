@@ -7,7 +7,6 @@ flow's one-line errors. The chat page is driven in tests/test_chat_browser.py.
 """
 
 import json
-import sys
 
 import pytest
 
@@ -123,16 +122,24 @@ def test_serving_beyond_this_machine_needs_a_token():
     assert "--host 0.0.0.0 serves beyond this machine: give --auth-token too" in result.stderr
 
 
-def test_the_agent_environment_cannot_import_promptflow_and_needs_nothing_of_the_main_one():
-    # .venv-agent stands alone: its OpenTelemetry is the one promptflow's tracing refuses.
+def test_the_agent_environment_stands_alone_and_importing_the_chat_changes_nothing(tmp_path):
+    # .venv-agent has neither promptflow nor torch, its OpenTelemetry is one promptflow's tracing refuses, and
+    # importing the chat's modules there writes nothing and changes no setting.
+    import os
     import subprocess
 
-    code = ("import importlib.util as u, opentelemetry.version as v; "
+    code = ("import os, sys, logging, importlib.util as u, opentelemetry.version as v; sys.path.insert(0, sys.argv[1]); "
+            "before, level = dict(os.environ), logging.getLogger().level; "
+            "import chat.agent, chat.serve_agent, chat.endpoint; "
+            "assert dict(os.environ) == before and logging.getLogger().level == level; "
             "print(u.find_spec('promptflow') is None, u.find_spec('torch') is None, v.__version__)")
-    out = subprocess.run([AGENT_PYTHON, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout.split()
-    assert out[:2] == ["True", "True"]
-    assert tuple(map(int, out[2].split(".")[:2])) >= (1, 39)
-    assert sys.prefix != str(AGENT_PYTHON.parent.parent) and (ROOT / "requirements-agent.txt").exists()
+    result = subprocess.run([AGENT_PYTHON, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    no_promptflow, no_torch, otel = result.stdout.split()
+    assert (no_promptflow, no_torch) == ("True", "True")
+    assert tuple(map(int, otel.split(".")[:2])) >= (1, 39)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_make_local_asks_the_agent_after_the_flow(endpoint, monkeypatch, tmp_path, capsys):

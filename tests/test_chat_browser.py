@@ -97,7 +97,10 @@ def ask_devui(page, question: str, expected: str):
     box = page.locator("textarea")
     box.fill(question)
     box.press("Enter")
-    page.get_by_text(expected).last.wait_for(timeout=120_000)
+    try:
+        page.get_by_text(expected).last.wait_for(timeout=60_000)
+    except Exception:  # playwright's TimeoutError: say what the page shows instead
+        raise AssertionError(f"{expected!r} not on the page; it shows:\n{page.locator('body').inner_text()}") from None
 
 
 def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browser, agent_server):
@@ -105,6 +108,8 @@ def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browse
     try:
         page.goto(agent_server.base_url + "/")
         page.locator("textarea").wait_for(timeout=60_000)
+        # The page reopens the server's latest conversation (the API tests' may be there): start a new one.
+        page.get_by_text("New Conversation").click()
         ask_devui(page, QUESTION, ANSWER)
         ask_devui(page, "Is that right?", "Yes, that is right.")  # only right with the first turn as history
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
