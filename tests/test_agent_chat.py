@@ -15,7 +15,7 @@ from chat_fixtures import (  # noqa: F401
     AGENT_PYTHON, ANSWER, QUESTION, AgentServer, agent_server, chat_turn, endpoint, flow_answer, free_port,
     pf_flow_test, quiet_pf_home, stand_in,
 )
-from conftest import ROOT, run_main
+from conftest import ROOT, options_without_help, run_main
 
 FOLLOW_UP = "Is that right?"
 FOLLOW_UP_ANSWER = "Yes, that is right."  # the tiny model's answer only with the first turn as history
@@ -114,9 +114,12 @@ def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agen
     assert not [key for key in ("wrong-secret-key", "unreached-secret-key", "right-secret-key") if key in log]
 
 
-def test_serving_beyond_this_machine_needs_a_token():
+def test_help_explains_every_flag_and_serving_beyond_this_machine_needs_a_token():
     from chat import serve_agent
 
+    assert options_without_help(serve_agent.parse_args) == []
+    shown = run_main(serve_agent.main, ["--help"], ROOT)
+    assert shown.returncode == 0 and ".venv-agent/bin/python -m chat.serve_agent" in shown.stdout
     result = run_main(serve_agent.main, ["--host", "0.0.0.0"], ROOT)
     assert result.returncode == 2
     assert "--host 0.0.0.0 serves beyond this machine: give --auth-token too" in result.stderr

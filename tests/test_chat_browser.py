@@ -92,6 +92,14 @@ def test_the_default_flask_engine_cannot_show_the_page(endpoint, quiet_pf_home, 
         server.stop()
 
 
+def open_devui(page, base_url: str):
+    """DevUI's page on a new conversation, ready for a question (it reopens the server's latest conversation,
+    which the API tests may have left, and drops what is typed before its conversation exists)."""
+    page.goto(base_url + "/")
+    page.get_by_text("New Conversation").click()
+    page.get_by_text("Start a conversation with").wait_for(timeout=60_000)
+
+
 def ask_devui(page, question: str, expected: str):
     """Type into DevUI's chat box, send with Enter, and wait for `expected` on the page."""
     box = page.locator("textarea")
@@ -106,10 +114,7 @@ def ask_devui(page, question: str, expected: str):
 def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browser, agent_server):
     context, page = local_page(browser, agent_server.port)
     try:
-        page.goto(agent_server.base_url + "/")
-        page.locator("textarea").wait_for(timeout=60_000)
-        # The page reopens the server's latest conversation (the API tests' may be there): start a new one.
-        page.get_by_text("New Conversation").click()
+        open_devui(page, agent_server.base_url)
         ask_devui(page, QUESTION, ANSWER)
         ask_devui(page, "Is that right?", "Yes, that is right.")  # only right with the first turn as history
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -132,8 +137,7 @@ def test_the_agent_framework_chat_page_shows_the_flows_line_for_a_wrong_key(brow
     try:
         server.wait_until_live(timeout=120)
         context, page = local_page(browser, server.port)
-        page.goto(server.base_url + "/")
-        page.locator("textarea").wait_for(timeout=60_000)
+        open_devui(page, server.base_url)
         # The flow's own line, after DevUI's "Agent execution error: ". The page renders it as Markdown: the
         # names in backticks show as code, without them.
         with pytest.raises(flow.EndpointError) as failed:
