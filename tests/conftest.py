@@ -232,3 +232,13 @@ def tracking_uri_of(model_dir: Path) -> str:
     """The MLflow store of the run that wrote a model (the fine_tuned_model fixture's own, or the session's)."""
     own = model_dir.parent / "mlflow.db"
     return f"sqlite:///{own}" if own.exists() else os.environ["MLFLOW_TRACKING_URI"]
+
+
+# The files that take longest, started first: the workers then end together, on the short files.
+LONGEST_FIRST = ("test_requirements.py", "test_fine_tune.py", "test_benchmarks.py", "test_endpoint.py",
+                 "test_evaluate_chat_baseline.py", "test_setup_ml.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: each file keeps its order
