@@ -60,9 +60,9 @@ def agent_chat(settings: dict, log: Path):
 
 def ask_the_agent(question: str, outputs: Path = OUTPUTS) -> str:
     """One question through the Agent Framework chat, greedy as the flow's in `make local`."""
-    command = [os.path.relpath(AGENT_PYTHON, ROOT), "-m", "chat.serve_agent", "--port", "<free port>"]
+    command = shlex.join([os.path.relpath(AGENT_PYTHON, ROOT), "-m", "chat.serve_agent", "--port"])
     print(f"\n== Step 4b: ask the same through the Agent Framework chat (served, asked with openai, stopped)\n"
-          f"$ AZURE_ML_TEMPERATURE=0 {shlex.join(command)}", flush=True)
+          f"$ AZURE_ML_TEMPERATURE=0 {command} <a free port>", flush=True)
     try:
         with agent_chat({"AZURE_ML_TEMPERATURE": "0"}, outputs / "agent-chat.log") as chat:
             return chat.ask(question)
