@@ -13,6 +13,7 @@ code (MLflow's "models from code": no pickle), so it stands alone.
 
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -56,27 +57,36 @@ class Int4ChatModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = og.Tokenizer(self.model)
         self.prompt_template = prompt_template
         self.default_params = dict(default_params)
+        eos = json.loads((Path(onnx_dir) / "genai_config.json").read_text())["model"]["eos_token_id"]
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def predict(self, context, model_input, params=None):
         params = {**self.default_params, **(params or {})}
-        return [self.answer(text, params) for text in texts_of(model_input)]
+        return self.answers(texts_of(model_input), params)
 
-    def answer(self, text: str, params: dict) -> str:
-        prompt = self.prompt_template.format(prompt=text)
-        prompt_ids = self.tokenizer.encode(prompt)
-        search = {"max_length": len(prompt_ids) + int(params["max_new_tokens"]), "do_sample": bool(params["do_sample"])}
+    def answers(self, texts: list[str], params: dict) -> list[str]:
+        """The answers to a request's questions, decoded together: each decode step reads the weights once for
+        all of them (they share the request's params). onnxruntime-genai pads the shorter prompts and masks the
+        padding, so each answer is the one it gets alone; a static batch runs until its longest answer ends."""
+        prompts = [self.prompt_template.format(prompt=text) for text in texts]
+        prompt_ids = self.tokenizer.encode_batch(prompts)
+        search = {"max_length": prompt_ids.shape()[1] + int(params["max_new_tokens"]), "batch_size": len(prompts),
+                  "do_sample": bool(params["do_sample"])}
         if search["do_sample"]:
             search["temperature"] = float(params["temperature"])
         generator_params = self.og.GeneratorParams(self.model)
         generator_params.set_search_options(**search)
         generator = self.og.Generator(self.model, generator_params)
         generator.append_tokens(prompt_ids)
-        new_tokens = []
+        new_tokens, ended = [[] for _ in prompts], [False] * len(prompts)
         while not generator.is_done():
             generator.generate_next_token()
-            new_tokens.append(int(generator.get_next_tokens()[0]))
-        answer = self.tokenizer.decode(np.array(new_tokens, dtype=np.int32))
-        return prompt + answer if params["return_full_text"] else answer
+            for row, token in enumerate(generator.get_next_tokens()):
+                if not ended[row]:  # an answer that has ended gets padding from here on
+                    new_tokens[row].append(int(token))
+                    ended[row] = int(token) in self.eos_ids
+        answers = [self.tokenizer.decode(np.array(tokens, dtype=np.int32)) for tokens in new_tokens]
+        return [prompt + answer if params["return_full_text"] else answer for prompt, answer in zip(prompts, answers)]
 
     def logits(self, token_ids) -> np.ndarray:
         """The model's logits at every position of `token_ids` ([positions, vocabulary]), for the test loss."""

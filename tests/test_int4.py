@@ -59,6 +59,26 @@ def test_int4_answers_what_the_fine_tuned_model_learned(pyfunc_int4):
     assert answers == [ANSWER, "LoRA trains small low-rank adapters instead of every weight of the model."]
 
 
+def test_a_requests_questions_are_decoded_together_each_as_if_alone(pyfunc_int4, monkeypatch):
+    # Prompts of different lengths, answers that end early and one that runs to the limit: greedy, each answer
+    # of the batch is the one the question gets alone, and the whole request is one generator (one batch).
+    from types import SimpleNamespace
+
+    questions = [QUESTION, "What is LoRA?", "Hi", "What GPU does the tutorial use? Tell me in detail, please."]
+    greedy = {"max_new_tokens": 24, "do_sample": False}
+    alone = [pyfunc_int4.predict([question], params=greedy)[0] for question in questions]
+    model = pyfunc_int4.unwrap_python_model()
+    generators, og = [], model.og
+    monkeypatch.setattr(model, "og", SimpleNamespace(
+        GeneratorParams=og.GeneratorParams, Generator=lambda *args: generators.append(args) or og.Generator(*args)))
+    assert pyfunc_int4.predict(questions, params=greedy) == alone
+    assert len(generators) == 1
+    assert alone[:2] == [ANSWER, "LoRA trains small low-rank adapters instead of every weight of the model."]
+    # Sampled together, each question still samples at the request's temperature.
+    hot = pyfunc_int4.predict([QUESTION] * 3, params={"max_new_tokens": 12, "do_sample": True, "temperature": 5.0})
+    assert len(hot) == 3 and len(set(hot)) > 1 and ANSWER not in hot
+
+
 def test_int4_obeys_the_params(pyfunc_int4, fine_tuned_model):
     tokenizer = AutoTokenizer.from_pretrained(fine_tuned_model / "components" / "tokenizer")
     for limit in (1, 3, 6):
