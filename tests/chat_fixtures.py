@@ -24,6 +24,7 @@ import requests
 
 from conftest import ROOT
 from local import pf_home
+from local.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
 from serving import processes
 from serving.processes import free_port  # noqa: F401  (the tests' free ports)
 
@@ -124,9 +125,6 @@ class FlowServer(Server):
         if chat_history is not None:
             body["chat_history"] = chat_history
         return requests.post(self.base_url + "/score", json=body, timeout=300)
-
-
-AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
 
 
 class AgentServer(Server):
