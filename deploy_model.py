@@ -69,7 +69,7 @@ from ml_client import OPENMPI_IMAGE, get_ml_client
 from preflight import check_quota, deployment_vcpus, size_facts, workspace_location
 from prices import cost_per_day, cost_per_hour
 from serving import REQUEST_TIMEOUT_MS
-from serving.forms import FORMS, PROBE_PERIOD_S
+from serving.forms import FORMS, PROBE_PERIOD_S, scoring_env
 
 ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
@@ -97,13 +97,16 @@ DEPLOY_SETTINGS = (
 logger = logging.getLogger("deploy_model")
 
 
-def deployment_env_vars():
-    return {
+def deployment_env_vars(form="transformers"):
+    env = {
         "SUBSCRIPTION_ID": config.AZURE_SUBSCRIPTION_ID,
         "RESOURCE_GROUP_NAME": config.AZURE_RESOURCE_GROUP_NAME,
         "UAI_CLIENT_ID": config.AZURE_MANAGED_IDENTITY_CLIENT_ID,
         "WORKER_COUNT": "1",  # azmlinfsrv's default, stated: FORMS' concurrency assumes it
     }
+    if FORMS[form].batched:  # this project's scoring script: see serving/forms.py
+        env.update(scoring_env(FORMS[form]))
+    return env
 
 
 def wait_with_progress(poller, what: str):
@@ -195,7 +198,7 @@ def build_deployment(endpoint_name, deployment_name, model_id, form="transformer
         environment=environment,
         instance_type=instance_type,
         instance_count=1,
-        environment_variables=deployment_env_vars(),
+        environment_variables=deployment_env_vars(form),
         request_settings=OnlineRequestSettings(
             max_concurrent_requests_per_instance=serving.max_concurrent_requests,
             request_timeout_ms=REQUEST_TIMEOUT_MS,

@@ -67,7 +67,8 @@ def parse_args(argv=None):
                              "AZURE_ML_BASELINE_API_KEY (environment or .env)")
     parser.add_argument("--form", choices=sorted(FORMS), default="int4",
                         help="the form the fine-tuned endpoint serves (deploy_model.py --form); questions go to it as "
-                             "many at a time as that form's deployment admits (serving/forms.py) (default: int4)")
+                             "many at a time as that form answers best (serving/forms.py: int4 6, answered together; "
+                             "transformers 1, answered in turn) (default: int4)")
     parser.add_argument("--baseline-form", choices=sorted(FORMS), default=None,
                         help="the form the baseline is served or deployed in (default: --form's, like against like; "
                              "another is named as such in the table)")
@@ -119,10 +120,10 @@ def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
         url, key, timeout, params = endpoint_settings(temperature, args.max_new_tokens)
     except EndpointError as e:
         raise EvaluationStopped(str(e)) from None
-    fine_tuned = Endpoint("fine-tuned", url, key, args.concurrency or FORMS[args.form].max_concurrent_requests, url,
+    fine_tuned = Endpoint("fine-tuned", url, key, args.concurrency or FORMS[args.form].questions_at_once, url,
                           args.form, "the fine-tuned model at AZURE_ML_ENDPOINT", params)
     endpoints = [fine_tuned]
-    concurrency = args.baseline_concurrency or FORMS[args.baseline_form].max_concurrent_requests
+    concurrency = args.baseline_concurrency or FORMS[args.baseline_form].questions_at_once
     if args.baseline_endpoint:
         key = scoring.configured("AZURE_ML_BASELINE_API_KEY")
         if key is None:

@@ -11,21 +11,26 @@ endpoint" is what the flow adds. Once per --workers (azmlinfsrv WORKER_COUNT) an
 --big: a Phi-3.5-mini-sized model, random weights, in process, in each of --big-forms: bfloat16, float32
 (transformers' generate, as the transformers MLflow model runs) and int4 (onnxruntime-genai, as the int4
 MLflow model runs): the first token, each further one, so 128 tokens against the 180 s request limit.
---big-endpoint: that model as the two MLflow models deploy_model.py serves, each behind the local
-endpoint with serving/forms.py's settings for its form: seconds until live (what the probes wait
-for), then 3 clients asking for 128 tokens at once, of which Azure admits 2 x
-max_concurrent_requests_per_instance (429 for the rest): the admitted ones' latency, server memory.
+--big-endpoint: that model as the MLflow models deploy_model.py serves (--big-endpoint-forms), behind
+the local endpoint with the deployment's settings for its form (serving/forms.py): seconds until live
+(what the probes wait for), then one answer of 128 tokens alone and bursts of --big-clients clients
+asking at once, of which Azure admits 2 x max_concurrent_requests_per_instance (429 for the rest): the
+admitted ones' latency, the slowest answer of a burst against one answer alone, server memory. The int4
+form once per --big-serving: batched (requests that arrive together answered together) and in-turn.
 
     python benchmarks/bench_serving.py --workers 1,2 --threads default,1
-    python benchmarks/bench_serving.py --big --big-forms bfloat16,float32,int4 --big-endpoint
+    python benchmarks/bench_serving.py --big --big-forms bfloat16,float32,int4
+    python benchmarks/bench_serving.py --big-endpoint --big-clients 1,3,6
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_serving.py --big   # torch held to a Broadwell host's ISA
 """
 
 import argparse
+import contextlib
 import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -42,7 +47,7 @@ from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
 import fine_tune as ft  # noqa: E402  (finetuning_dir/fine_tune.py)
 import quantize_model  # noqa: E402
-from serving.forms import FORMS  # noqa: E402
+from serving.forms import FORMS, PROBE_PERIOD_S, worker_threads  # noqa: E402
 from int4_model import Int4ChatModel, cpu_threads  # noqa: E402
 from local import pf_home  # noqa: E402
 from serving import REQUEST_TIMEOUT_MS, processes  # noqa: E402
@@ -50,7 +55,6 @@ from stand_ins import tiny_phi3  # noqa: E402
 
 QUESTION = "Who founded Microsoft?"
 REQUEST_LIMIT_S = REQUEST_TIMEOUT_MS / 1000  # the deployment's request limit
-BIG_CLIENTS = 3  # the tutorial's max_concurrent_requests_per_instance
 
 
 def parse_args(argv=None):
@@ -69,9 +73,17 @@ def parse_args(argv=None):
                                                  "int4 (onnxruntime-genai; built once from the bf16 model, ~10 min)")
     flag("--big-threads", default="default", help="with --big: comma-separated torch threads (default: one per core)")
     flag("--big-tokens", type=int, default=4, help="with --big: tokens generated in the longer run")
-    flag("--big-endpoint", action="store_true", help="instead: serve the Phi-3.5-mini-sized bf16 transformers model "
-                                                     "and its int4 form, one after the other, to 3 clients at once")
-    flag("--big-calls", type=int, default=6, help="with --big-endpoint: calls in all, per form")
+    flag("--big-endpoint", action="store_true", help="instead: serve the Phi-3.5-mini-sized model's forms, one after "
+                                                     "the other, with the deployment's settings, to --big-clients")
+    flag("--big-endpoint-forms", default="int4", help="with --big-endpoint: comma-separated int4 and/or transformers "
+                                                      "(bf16, served one request at a time as Azure's own script does)")
+    flag("--big-serving", default="batched,in-turn", help="with --big-endpoint: how the int4 worker answers: batched "
+                                                          "(the deployment's: a thread per admitted request, requests "
+                                                          "that arrive together answered together) and/or in-turn "
+                                                          "(azmlinfsrv's sync worker, one request at a time)")
+    flag("--big-clients", default="1,3,6", help="with --big-endpoint: comma-separated numbers of clients asking at "
+                                                "once; 1 (first) is one answer alone, the others' ratio is to it")
+    flag("--big-rounds", type=int, default=3, help="with --big-endpoint: bursts of clients per number of clients")
     flag("--big-layers", type=int, help="with --big or --big-endpoint: only this many layers (a quick check)")
     return parser.parse_args(argv)
 
@@ -95,15 +107,19 @@ class Servers:
         except processes.NotLive as e:
             raise SystemExit(f"bench_serving.py: {name} {e}")
 
-    def endpoint(self, model_dir: Path, workers: int = 1, threads: str = "default") -> tuple[str, float]:
-        """The local endpoint on `model_dir`: its scoring URL, and the seconds it took to be live."""
+    def endpoint(self, model_dir: Path, workers: int = 1, threads: str = "default", server_threads: int | None = None,
+                 **env) -> tuple[str, float]:
+        """The local endpoint on `model_dir`, with `server_threads` per worker (default: the endpoint's own): its
+        scoring URL, and the seconds it took to be live."""
         port = processes.free_port()
         # Its own URL as AZURE_ML_ENDPOINT: a local endpoint then keeps the key it finds there (ours).
-        env = {"WORKER_COUNT": str(workers), "AZURE_ML_ENDPOINT": f"http://127.0.0.1:{port}/score"}
+        env.update(WORKER_COUNT=str(workers), AZURE_ML_ENDPOINT=f"http://127.0.0.1:{port}/score")
         if threads != "default":
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        live_s = self.start(f"endpoint-{port}", [sys.executable, "-m", "serving.endpoint", "--model-dir", model_dir,
-                                                 "--port", port], f"http://127.0.0.1:{port}/", **env)
+        command = [sys.executable, "-m", "serving.endpoint", "--model-dir", model_dir, "--port", port]
+        if server_threads:
+            command += ["--threads", server_threads]
+        live_s = self.start(f"endpoint-{port}", command, f"http://127.0.0.1:{port}/", **env)
         return env["AZURE_ML_ENDPOINT"], live_s
 
     def flow(self, endpoint_url: str, max_new_tokens: int) -> str:
@@ -155,6 +171,43 @@ def concurrent(call, clients: int, calls: int) -> tuple[list, float]:
         start = time.perf_counter()
         samples = list(pool.map(lambda _: call(), range(calls)))
         return samples, time.perf_counter() - start
+
+
+class ProbeWatch:
+    """Azure's probes while calls run: GET / every PROBE_EVERY_S (liveness and readiness, each every
+    PROBE_PERIOD_S); the slowest answer, and how many took longer than the probe's timeout (Azure's default,
+    2 s), which Azure counts as failures."""
+
+    PROBE_EVERY_S, PROBE_TIMEOUT_S = PROBE_PERIOD_S / 2, 2.0
+
+    def __init__(self, base_url: str):
+        self.base_url, self.seconds = base_url, []
+
+    @contextlib.contextmanager
+    def running(self):
+        """Probe in the background for as long as the block runs."""
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(self.PROBE_EVERY_S):
+                start = time.perf_counter()
+                try:
+                    requests.get(self.base_url + "/", timeout=4 * REQUEST_LIMIT_S)
+                except requests.RequestException:
+                    pass
+                self.seconds.append(time.perf_counter() - start)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join()
+
+    def stats(self) -> dict:
+        return {"probe_max_s": max(self.seconds, default=0.0),
+                "probes_failed": sum(s > self.PROBE_TIMEOUT_S for s in self.seconds), "probes": len(self.seconds)}
 
 
 def latency_stats(samples: list[tuple[float, str]], tokenizer, wall: float | None = None) -> dict:
@@ -288,30 +341,73 @@ def measure_big(opts) -> list[dict]:
     return rows
 
 
+def endpoint_setups(opts) -> list[tuple[str, str, str, Path, int]]:
+    """(name, form, serving, model folder, worker threads) of each server --big-endpoint measures."""
+    setups = []
+    for form in opts.big_endpoint_forms.split(","):
+        if form == "int4":
+            folder = int4_form(opts.big_layers)
+            for serving in opts.big_serving.split(","):
+                setups.append(("int4", form, serving, folder, worker_threads(FORMS[form]) if serving == "batched" else 1))
+        else:  # Azure serves it with its own MLflow scoring script: one request at a time
+            setups.append(("bf16 transformers", form, "in-turn", common.phi35_mini_mlflow(opts.big_layers), 1))
+    return setups
+
+
 def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
-    """The Phi-3.5-mini-sized model's two served forms behind the local endpoint, to 3 clients at once."""
-    model_dir = common.phi35_mini_mlflow(opts.big_layers)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "components" / "tokenizer")
-    rows = []
-    for form, name, folder in (("transformers", "bf16 transformers", model_dir),
-                               ("int4", "int4", int4_form(opts.big_layers))):
-        url, load_s = servers.endpoint(folder)  # load_s: what the deployment's probes must wait for
-        # Waits past the request limit, so that a queued call is timed rather than lost.
-        call = endpoint_call(url, servers.key, opts.max_new_tokens, timeout=opts.big_calls * REQUEST_LIMIT_S)
+    """The Phi-3.5-mini-sized model's served forms behind the local endpoint, with the deployment's settings: one
+    answer alone, then bursts of clients asking at once, of which Azure admits 2 x max_concurrent_requests. Every
+    server is up at once and the bursts take turns, round by round, so that a change in the machine's speed
+    during the run hits them all alike."""
+    tokenizer = AutoTokenizer.from_pretrained(common.phi35_mini_mlflow(opts.big_layers) / "components" / "tokenizer")
+    served = []
+    for name, form, serving, folder, threads in endpoint_setups(opts):
+        # In turn: azmlinfsrv's sync worker, one request at a time; nothing arrives together, so nothing is gathered.
+        env = {} if serving == "batched" else {"BATCH_GATHER_MS": "0"}
+        url, load_s = servers.endpoint(folder, server_threads=threads, **env)  # load_s: what the probes wait for
         endpoint_call(url, servers.key, 1)()  # warm-up: the first request builds what the server builds lazily
-        # Azure admits 2 x max_concurrent_requests_per_instance requests at once and answers 429 to the rest.
-        admitted = min(BIG_CLIENTS, 2 * FORMS[form].max_concurrent_requests)
-        samples, wall = concurrent(call, admitted, max(admitted, admitted * opts.big_calls // BIG_CLIENTS))
-        server = psutil.Process(servers.running[-1].pid)  # and its workers
-        rss_mb = sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 2**20
-        rows.append({"form": name, "clients": BIG_CLIENTS, "admitted": admitted, "rejected_429": BIG_CLIENTS - admitted,
-                     "load_s": load_s, **latency_stats(samples, tokenizer, wall), "server_rss_mb": rss_mb})
-        servers.stop_all()
-    common.print_table(rows, ["form", "clients", "admitted", "rejected_429", "load_s", "calls", "p50_ms", "p99_ms",
-                              "over_180_s", "answers_per_s", "server_rss_mb"])
+        # Waits past the request limit, so that a queued call is timed rather than lost.
+        call = endpoint_call(url, servers.key, opts.max_new_tokens, timeout=4 * REQUEST_LIMIT_S)
+        served.append({"name": name, "form": form, "serving": serving, "threads": threads, "url": url,
+                       "load_s": load_s, "call": call, "process": servers.running[-1]})
+    clients_list = [int(c) for c in opts.big_clients.split(",")]
+    bursts = {(i, clients): [] for i in range(len(served)) for clients in clients_list}
+    probes = {key: ProbeWatch(served[key[0]]["url"].removesuffix("/score")) for key in bursts}
+    for _ in range(opts.big_rounds):
+        for clients in clients_list:
+            for i, server in enumerate(served):
+                admitted = min(clients, FORMS[server["form"]].admitted)  # Azure answers 429 to the rest
+                with probes[(i, clients)].running():
+                    bursts[(i, clients)].append(concurrent(server["call"], admitted, admitted))
+                slowest = max(seconds for seconds, _ in bursts[(i, clients)][-1][0])
+                print(f"  {server['name']}, {server['serving']}, {clients} clients: slowest answer {slowest:.1f} s",
+                      flush=True)
+    rows = []
+    for i, server in enumerate(served):
+        process = psutil.Process(server["process"].pid)  # and its workers
+        rss_mb = sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+        alone = None
+        for clients in clients_list:
+            runs = bursts[(i, clients)]
+            slowest = statistics.median(max(seconds for seconds, _ in samples) for samples, _ in runs)
+            alone = slowest if clients == 1 else alone
+            admitted = min(clients, FORMS[server["form"]].admitted)
+            rows.append({"form": server["name"], "serving": server["serving"], "threads": server["threads"],
+                         "clients": clients, "admitted": admitted, "rejected_429": clients - admitted,
+                         "load_s": server["load_s"],
+                         **latency_stats([x for samples, _ in runs for x in samples], tokenizer,
+                                         sum(wall for _, wall in runs)),
+                         "slowest_s": slowest, "slowest_vs_alone": slowest / alone if alone else None,
+                         **probes[(i, clients)].stats(), "server_rss_mb": rss_mb})
+    servers.stop_all()
+    common.print_table(rows, ["form", "serving", "clients", "admitted", "rejected_429", "load_s", "calls", "p50_ms",
+                              "p99_ms", "slowest_s", "slowest_vs_alone", "over_180_s", "answers_per_s",
+                              "probe_max_s", "probes_failed", "probes", "server_rss_mb"])
     # Random weights never stop early, but their text re-tokenizes loosely: per-token speed is --big's.
-    print(f"(answers of {opts.max_new_tokens} new tokens; over_180_s: answers later than the 180 s request timeout, "
-          "408 on Azure)")
+    print(f"(answers of {opts.max_new_tokens} new tokens; slowest_s: the median over {opts.big_rounds} bursts of "
+          "each burst's slowest answer; over_180_s: answers later than the 180 s request timeout, 408 on Azure; "
+          f"probes: GET / every {ProbeWatch.PROBE_EVERY_S:g} s during the bursts, failed: slower than Azure's "
+          f"{ProbeWatch.PROBE_TIMEOUT_S:g} s probe timeout)")
     return rows
 
 

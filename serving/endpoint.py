@@ -29,7 +29,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import config
-from serving import REQUEST_TIMEOUT_MS, processes
+from serving import processes
+from serving.forms import FORMS, scoring_env, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
@@ -105,15 +106,16 @@ def stage_model(model_dir: Path, staging: Path) -> Path:
     return version_dir
 
 
-def server_environment(azureml_model_dir: Path, host: str, key: str) -> dict:
+def server_environment(azureml_model_dir: Path, host: str, key: str, threads: int | None = None) -> dict:
+    scoring = scoring_env(FORMS["int4"], threads)  # the int4 deployment's threads and request limit
     return {
         "AZUREML_MODEL_DIR": str(azureml_model_dir),
         "LOCAL_ENDPOINT_KEY": key,
         "LOCAL_ENDPOINT_HOST": host,
         "AML_APP_ROOT": str(SCORE_SCRIPT.parent),
-        "SCORING_TIMEOUT_MS": str(REQUEST_TIMEOUT_MS),
+        "SCORING_TIMEOUT_MS": scoring["SCORING_TIMEOUT_MS"],
         # gunicorn 27 would open a control socket in ~/.gunicorn, shared by every endpoint here.
-        "GUNICORN_CMD_ARGS": "--no-control-socket",
+        "GUNICORN_CMD_ARGS": "--no-control-socket " + scoring["GUNICORN_CMD_ARGS"],
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONPATH": str(ROOT),  # for `-m serving.gateway`
     }
@@ -129,12 +131,13 @@ def _die_with_parent():
         pass
 
 
-def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path) -> subprocess.Popen:
+def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path,
+                 threads: int | None = None) -> subprocess.Popen:
     """Start azmlinfsrv on `model_dir`, staged under `staging`; its output goes to ours."""
     print(f"Starting azmlinfsrv with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
     return processes.start(server_command(azureml_model_dir, port), cwd=ROOT,
-                           env=server_environment(azureml_model_dir, host, key), preexec_fn=_die_with_parent)
+                           env=server_environment(azureml_model_dir, host, key, threads), preexec_fn=_die_with_parent)
 
 
 def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
@@ -155,8 +158,10 @@ def write_settings(url: str, key: str) -> Path:
     return env_file
 
 
-def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", folder: str = "model") -> None:
-    """Serve an MLflow model folder (default: the newest local <run>/<folder>) until Ctrl-C or SIGTERM."""
+def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1", folder: str = "model",
+                threads: int | None = None) -> None:
+    """Serve an MLflow model folder (default: the newest local <run>/<folder>) until Ctrl-C or SIGTERM;
+    `threads`: requests one worker holds at once (default: the int4 deployment's)."""
     model_dir = check_model_dir(model_dir) if model_dir else latest_local_model(folder)
     azmlinfsrv_python()
     check_port_free(host, port)
@@ -169,7 +174,7 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process = None
     try:
-        process = start_server(model_dir, host, port, key, Path(staging.name))
+        process = start_server(model_dir, host, port, key, Path(staging.name), threads)
         wait_until_live(process, base_url)
         print(
             f"\nLocal endpoint ready: {base_url}/score (liveness: GET {base_url}/)\n"
@@ -194,8 +199,14 @@ def main(argv=None):
                         help="the MLflow model folder to serve (default: the newest outputs/models/<run>/model)")
     parser.add_argument("--port", type=int, default=5001, help="port to serve on (default: 5001, azmlinfsrv's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--threads", type=int, default=worker_threads(FORMS["int4"]),
+                        help="threads of the server's worker: requests it holds at once, those that arrive together "
+                             f"answered together (default: {worker_threads(FORMS['int4'])}, as the int4 deployment: "
+                             f"{FORMS['int4'].admitted} requests and 2 probes; 1: one request at a time)")
     args = parser.parse_args(argv)
-    serve_local(args.model_dir, args.port, args.host)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    serve_local(args.model_dir, args.port, args.host, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ class Server:
 class Endpoint(Server):
     """The local endpoint, as the learner starts it: `python deploy_model.py --local --model-dir ...`."""
 
-    def __init__(self, model_dir: Path, workdir: Path):
+    def __init__(self, model_dir: Path, workdir: Path, **env):
         self.port = free_port()
         self.env_file = workdir / ".env"
         self.url = f"http://127.0.0.1:{self.port}/score"
         command = [sys.executable, "deploy_model.py", "--local", "--model-dir", model_dir, "--port", self.port]
-        super().__init__(command, {"FINETUNE_PHI_ENV_FILE": str(self.env_file)}, workdir / "endpoint.log",
+        super().__init__(command, {"FINETUNE_PHI_ENV_FILE": str(self.env_file), **env}, workdir / "endpoint.log",
                          f"http://127.0.0.1:{self.port}/")
 
     def settings(self) -> dict:

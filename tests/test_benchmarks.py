@@ -190,10 +190,10 @@ def test_serving_benchmark_measures_endpoint_and_flow(fine_tuned_model):
 
 def test_serving_benchmark_times_the_big_model_in_every_form():
     # One layer of Phi-3.5-mini's size, so that it runs in a test: bf16 and int4 in process, then both
-    # served forms through the local endpoint.
+    # served forms through the local endpoint, the int4 one batched and in turn.
     result = run_benchmark("bench_serving.py", [
         "--big", "--big-layers", 1, "--big-tokens", 16, "--big-forms", "bfloat16,int4", "--big-endpoint",
-        "--big-calls", 2, "--max-new-tokens", 5])
+        "--big-endpoint-forms", "int4,transformers", "--big-clients", "1,3", "--big-rounds", 1, "--max-new-tokens", 5])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = results(result.stdout)["serving"]
     big = {r["form"]: r for r in payload["big"]}
@@ -202,17 +202,22 @@ def test_serving_benchmark_times_the_big_model_in_every_form():
         assert row["layers"] == 1 and row["first_token_s"] > 0 and row["per_token_s"] > 0
         assert row["est_128_tokens_s"] == pytest.approx(row["first_token_s"] + 127 * row["per_token_s"])
     assert "int4 / bf16 tokens/s: " in result.stdout and payload["endpoint"] == []
-    served = {r["form"]: r for r in payload["big_endpoint"]}
-    assert set(served) == {"bf16 transformers", "int4"}
+    served = {(r["form"], r["serving"], r["clients"]): r for r in payload["big_endpoint"]}
+    assert set(served) == {(form, serving, clients) for form, serving in
+                           [("int4", "batched"), ("int4", "in-turn"), ("bf16 transformers", "in-turn")]
+                           for clients in (1, 3)}
     # Each form's deployment settings: Azure admits 2 x max_concurrent_requests_per_instance at once.
-    assert (served["bf16 transformers"]["admitted"], served["bf16 transformers"]["rejected_429"]) == (2, 1)
-    assert (served["int4"]["admitted"], served["int4"]["rejected_429"]) == (3, 0)
-    for row in served.values():
+    assert [(served[(form, "in-turn", 3)]["admitted"], served[(form, "in-turn", 3)]["rejected_429"])
+            for form in ("bf16 transformers", "int4")] == [(2, 1), (3, 0)]
+    # The batched int4 worker holds a thread for each of the 6 requests Azure admits and 2 for probes; in turn, one.
+    assert (served[("int4", "batched", 3)]["threads"], served[("int4", "in-turn", 3)]["threads"]) == (8, 1)
+    for (form, serving, clients), row in served.items():
         # The random model never stops early. Counted again from the text, its 5 tokens re-tokenize loosely: a
         # partial UTF-8 character decodes to U+FFFD, whose 3 bytes are 3 tokens of the byte-level tokenizer.
         assert row["calls"] == row["admitted"] and 4 <= row["tokens_per_answer"] <= 3 * 5
-        assert row["load_s"] > 0
+        assert row["load_s"] > 0 and row["slowest_s"] * 1000 >= row["p50_ms"] > 0
+        assert row["slowest_vs_alone"] == pytest.approx(row["slowest_s"] / served[(form, serving, 1)]["slowest_s"])
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["server_rss_mb"] > 100
         assert row["over_180_s"] == 0  # five tokens of one layer: far inside the request limit
-    assert served["int4"]["server_rss_mb"] < served["bf16 transformers"]["server_rss_mb"]
+    assert served[("int4", "batched", 1)]["server_rss_mb"] < served[("bf16 transformers", "in-turn", 1)]["server_rss_mb"]
 

@@ -157,6 +157,10 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
         "RESOURCE_GROUP_NAME": "finetunephi-rg",
         "UAI_CLIENT_ID": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
         "WORKER_COUNT": "1",
+        # A thread for each of the 6 requests Azure admits, answered together, and 2 for the probes; the script's
+        # own timeout.
+        "GUNICORN_CMD_ARGS": "--threads 8",
+        "SCORING_TIMEOUT_MS": "180000",
     }
     # int4: ~14 s an answer, so Azure may admit 2 x 3 requests; it loads in seconds.
     assert props["requestSettings"] == {"maxConcurrentRequestsPerInstance": 3, "requestTimeout": "PT3M"}
@@ -186,8 +190,10 @@ def test_form_transformers_deploys_the_model_as_trained(workspace):
     assert model.name == "finetune-phi-model"
     body = deployment_body(workspace)["properties"]
     assert body["model"] == MODEL_ID
-    # The tutorial's no-code deployment: Azure's own MLflow scoring and environment.
+    # The tutorial's no-code deployment: Azure's own MLflow scoring and environment, in azmlinfsrv's sync worker.
     assert "codeConfiguration" not in body and "environmentId" not in body
+    assert body["environmentVariables"]["WORKER_COUNT"] == "1"
+    assert "GUNICORN_CMD_ARGS" not in body["environmentVariables"]
     # bf16: ~70 s an answer on one worker, so one request per instance (Azure admits 2: the second
     # waits ~140 s, within the 180 s limit); 7.6 GB to load, so the probes wait longer.
     assert body["requestSettings"] == {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT3M"}

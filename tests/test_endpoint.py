@@ -287,3 +287,42 @@ def test_help_explains_every_flag():
     result = run_script(["-m", "serving.endpoint", "--help"], cwd=ROOT)
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
     assert options_without_help(local_endpoint.main) == []
+
+
+TIMEOUT_CHECK = """
+import json, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import score
+from batching import Batcher
+
+score.TIMEOUT_MS = 500
+score.batcher = Batcher(lambda texts, params: time.sleep(float(texts[0])) or ["done"] * len(texts), 0).start()
+out = {}
+def call(name, question):
+    response = score.run([question])
+    out[name] = [response.status_code, response.get_data(as_text=True), response.headers.get("x-ms-run-function-failed")] \\
+        if hasattr(response, "status_code") else response
+slow = threading.Thread(target=call, args=("slow", "2.0"))  # on a thread of its own, as gunicorn's threads run it
+started = time.monotonic()
+slow.start(); slow.join()
+out["slow_s"] = time.monotonic() - started
+time.sleep(1.8)  # the slow call ends; the worker answers again
+call("next", "0")
+print(json.dumps(out))
+"""
+
+
+def test_the_script_times_out_a_request_on_a_workers_thread_as_azmlinfsrv_does(fine_tuned_model, tmp_path):
+    # azmlinfsrv's own timeout is a signal, which a threaded worker's request threads never get: score.py's is.
+    from serving.endpoint import AZMLINFSRV_VENV, SCORE_SCRIPT, stage_model
+
+    env = {"AZUREML_MODEL_DIR": str(stage_model(fine_tuned_model, tmp_path)), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([AZMLINFSRV_VENV / "bin" / "python", "-c", TIMEOUT_CHECK, SCORE_SCRIPT.parent],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    status, body, failed_header = out["slow"]
+    assert (status, json.loads(body), failed_header) == (500, {"message": "Scoring timeout after 500 ms"}, "True")
+    assert 0.5 <= out["slow_s"] < 1.5  # given up at the limit, not when the model call ended
+    assert out["next"] == ["done"]

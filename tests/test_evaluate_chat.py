@@ -388,12 +388,13 @@ class SlowEndpoint(Recording):
 
 
 @pytest.mark.parametrize("flags, most", [
-    ([], (3, 3)),  # int4 both: 3 at a time each (serving/forms.py)
-    (["--baseline-form", "transformers"], (3, 1)),  # a transformers baseline answers one at a time
+    ([], (6, 6)),  # int4 both: all 6 that Azure admits, answered together (serving/forms.py)
+    (["--baseline-form", "transformers"], (6, 1)),  # a transformers baseline answers one at a time
     (["--concurrency", "2", "--baseline-concurrency", "2"], (2, 2)),
 ])
-def test_each_endpoint_gets_as_many_questions_at_once_as_its_form_admits(offline, chats, monkeypatch, tmp_path,
-                                                                         flags, most):
+def test_each_endpoint_gets_as_many_questions_at_once_as_its_form_answers_best(offline, monkeypatch, tmp_path,
+                                                                               flags, most):
+    chats = write_jsonl(tmp_path / "test.jsonl", sample_chats.make_rows(8, seed=3))  # more than 6 at once
     fine_tuned, base = SlowEndpoint(ANSWER), SlowEndpoint("Somebody did.")
     try:
         use_endpoint(monkeypatch, fine_tuned.base_url + "/score")
@@ -403,7 +404,7 @@ def test_each_endpoint_gets_as_many_questions_at_once_as_its_form_admits(offline
     finally:
         fine_tuned.close(), base.close()
     assert (fine_tuned.most, base.most) == most
-    assert len(fine_tuned.requests) == len(base.requests) == 5 == results["settings"]["questions"]
+    assert len(fine_tuned.requests) == len(base.requests) == 8 == results["settings"]["questions"]
     # The same greedy params to both (a comparison decodes greedily unless told otherwise).
     assert {json.dumps(r["body"]["params"], sort_keys=True) for r in fine_tuned.requests + base.requests} == {
         json.dumps(results["endpoints"][0]["params"], sort_keys=True)}

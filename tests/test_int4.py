@@ -4,6 +4,7 @@ with through `deploy_model.py --local` and the Prompt flow."""
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pytest
@@ -69,10 +70,21 @@ def test_a_requests_questions_are_decoded_together_each_as_if_alone(pyfunc_int4,
     alone = [pyfunc_int4.predict([question], params=greedy)[0] for question in questions]
     model = pyfunc_int4.unwrap_python_model()
     generators, og = [], model.og
+
+    class CountedGenerator(og.Generator):
+        """The runtime's generator, counting its decode steps."""
+        def generate_next_token(self):
+            self.steps = getattr(self, "steps", 0) + 1
+            return super().generate_next_token()
+
     monkeypatch.setattr(model, "og", SimpleNamespace(
-        GeneratorParams=og.GeneratorParams, Generator=lambda *args: generators.append(args) or og.Generator(*args)))
+        GeneratorParams=og.GeneratorParams, Generator=lambda *args: generators.append(CountedGenerator(*args)) or
+        generators[-1]))
     assert pyfunc_int4.predict(questions, params=greedy) == alone
     assert len(generators) == 1
+    # When every answer of a batch has ended, decoding stops: two short answers cost their own steps, not 200.
+    short = pyfunc_int4.predict(questions[:2], params={**greedy, "max_new_tokens": 200})
+    assert short == alone[:2] and generators[-1].steps <= 25
     assert alone[:2] == [ANSWER, "LoRA trains small low-rank adapters instead of every weight of the model."]
     # Sampled together, each question still samples at the request's temperature.
     hot = pyfunc_int4.predict([QUESTION] * 3, params={"max_new_tokens": 12, "do_sample": True, "temperature": 5.0})
@@ -168,13 +180,34 @@ def test_a_failed_conversion_leaves_nothing_behind(fine_tuned_model, tmp_path, m
     assert not list(scratch.glob("model-int4-*")), "no scratch folder left"
 
 
-def test_the_int4_model_chats_through_the_local_endpoint_and_the_flow(int4_model, quiet_pf_home, tmp_path):
-    endpoint = Endpoint(int4_model, tmp_path)
+def test_the_int4_model_chats_through_the_local_endpoint_and_the_flow(int4_model, pyfunc_int4, quiet_pf_home,
+                                                                    tmp_path):
+    # A long gather window, so that requests sent together are answered together even on a busy machine.
+    endpoint = Endpoint(int4_model, tmp_path, BATCH_GATHER_MS="1500")
     try:
         endpoint.wait_until_live()
         response = endpoint.post({"input_data": [QUESTION], "params": {"max_new_tokens": 40, "do_sample": False}})
         assert response.status_code == 200, response.text
         assert response.json() == [ANSWER]
+
+        # Requests sent together: the greedy ones share one batch, each answer the one its question gets alone
+        # (prompts of different lengths, answers that end early and one that runs to the limit); the sampled one
+        # runs with its own params; a bad one fails alone.
+        greedy = {"max_new_tokens": 24, "do_sample": False}
+        hot = {"max_new_tokens": 12, "do_sample": True, "temperature": 5.0}
+        bodies = [{"input_data": [QUESTION, "Hi"], "params": greedy}, {"input_data": ["What is LoRA?"], "params": greedy},
+                  {"input_data": ["What GPU does the tutorial use? Tell me in detail, please."], "params": greedy},
+                  {"input_data": [QUESTION] * 3, "params": hot},
+                  {"input_data": [QUESTION], "params": {**greedy, "max_new_tokens": "many"}}]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(endpoint.post, bodies))
+        assert [r.status_code for r in responses] == [200, 200, 200, 200, 400], [r.text for r in responses]
+        for body, response in zip(bodies[:3], responses):
+            assert response.json() == [pyfunc_int4.predict([q], params=greedy)[0] for q in body["input_data"]]
+        sampled = responses[3].json()
+        assert len(sampled) == 3 and len(set(sampled)) > 1 and ANSWER not in sampled
+        assert "max_new_tokens" in responses[4].json()["message"]
+        assert "Answered 4 questions of 3 requests in one call" in endpoint.output()
         env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}
         result, _ = pf_flow_test(env)
         assert flow_answer(result) == ANSWER

@@ -20,12 +20,19 @@ The int4 form of the model (quantize_model.py) is an MLflow pyfunc model; Azure'
 expect the pandas split form for it, so deploy_model.py deploys the int4 form with this script,
 and the endpoint answers exactly as for the transformers model, on Azure and here alike.
 
+Requests are answered together: each worker runs threaded (GUNICORN_CMD_ARGS="--threads N") and
+keeps one Batcher (batching.py, beside this file), which answers the questions of requests that
+arrive together, with the same params, in one model call. Since azmlinfsrv cannot time out a request
+on a worker's thread (its timer is a signal, which only the main thread receives), run() gives up
+itself after SCORING_TIMEOUT_MS and answers as azmlinfsrv does: 500, "Scoring timeout after N ms".
+
 The key is not checked here: Azure's gateway checks it before a request reaches the container
-(locally, serving/gateway.py does). The script imports nothing of the project's.
+(locally, serving/gateway.py does). The script imports nothing of the project's but batching.py.
 """
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -36,7 +43,10 @@ from inference_schema.schema_decorators import _deserialize_input_argument, inpu
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-logger = logging.getLogger("score")
+from batching import Batcher  # azmlinfsrv puts this folder (AML_APP_ROOT) on sys.path
+
+# Under azmlinfsrv's logger, so that its handler prints these lines in the deployment's log.
+logger = logging.getLogger("azmlinfsrv.score")
 
 USAGE = 'send {"input_data": ["your question"], "params": {"max_new_tokens": 128}}'
 
@@ -82,12 +92,19 @@ class Checked(AbstractParameterType):
 MODEL_DIR = find_mlflow_model(os.environ["AZUREML_MODEL_DIR"])
 PARAM_DEFAULTS = {p.name: p.default for p in Model.load(str(MODEL_DIR)).signature.params.params}
 
+# azmlinfsrv's own setting (its default: an hour); deploy_model.py and the local endpoint set the deployment's limit.
+TIMEOUT_MS = int(os.environ.get("SCORING_TIMEOUT_MS", 3_600_000))
+# How long an idle worker waits, once a request arrives, for others sent at the same moment.
+GATHER_MS = int(os.environ.get("BATCH_GATHER_MS", 50))
+
 model = None
+batcher = None
 
 
 def init():
-    global model
+    global model, batcher
     model = mlflow.pyfunc.load_model(str(MODEL_DIR))
+    batcher = Batcher(lambda texts, params: model.predict(texts, params=params or None), GATHER_MS / 1000).start()
     logger.info("Loaded %s (params: %s)", MODEL_DIR, ", ".join(PARAM_DEFAULTS))
 
 
@@ -119,11 +136,16 @@ def bad_request(message: str) -> AMLResponse:
 @input_schema("input_data", Checked(["Who founded Microsoft?"]))
 @input_schema("params", Checked(PARAM_DEFAULTS), optional=True)
 def run(input_data, params=None):
+    started = time.monotonic()
     problem = problem_with(input_data, params)
     if problem:
         return bad_request(problem)
     try:
-        answers = model.predict(input_data, params=params or None)
+        answers = batcher.ask(input_data, params, TIMEOUT_MS / 1000 - (time.monotonic() - started))
     except MlflowException as e:  # MLflow's own check of the params against the signature
         return bad_request(e.message.splitlines()[0])
+    except TimeoutError:
+        logger.error("Scoring timeout after %d ms", TIMEOUT_MS)
+        return AMLResponse({"message": f"Scoring timeout after {TIMEOUT_MS} ms"}, 500, json_str=True,
+                           run_function_failed=True)
     return [str(answer) for answer in answers]
