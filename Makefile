@@ -9,7 +9,7 @@ SERVER_VENV := .venv-azmlinfsrv
 # virtualenv, with nothing of .venv's.
 AGENT_VENV := .venv-agent
 
-.PHONY: local test setup clean
+.PHONY: local test setup clean bench-openvino
 
 # Run the whole tutorial on this machine (no Azure account, no GPU, no Hub needed).
 local: setup
@@ -41,6 +41,18 @@ $(AGENT_VENV)/.installed: requirements-agent.txt
 	$(AGENT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(AGENT_VENV)/bin/python -m pip install --quiet -r requirements-agent.txt
 	$(AGENT_VENV)/bin/python -m pip check
+	touch $@
+
+# OpenVINO GenAI against the int4 form (benchmarks/bench_openvino.py), in a virtualenv of its own; not part of the
+# tests. Needs the model `python benchmarks/bench_serving.py --big-endpoint` builds.
+OPENVINO_VENV := .scratch/venv-openvino
+bench-openvino: $(OPENVINO_VENV)/.installed
+	$(OPENVINO_VENV)/bin/python benchmarks/bench_openvino.py
+
+$(OPENVINO_VENV)/.installed: benchmarks/requirements-openvino.txt
+	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OPENVINO_VENV)/bin/python -m pip install --quiet --no-deps -r benchmarks/requirements-openvino.txt
 	touch $@
 
 # Remove what runs wrote (data, models, MLflow store, scratch); keeps .venv and .env.

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +47,6 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
 import fine_tune as ft  # noqa: E402  (finetuning_dir/fine_tune.py)
-import quantize_model  # noqa: E402
 from serving.forms import FORMS, PROBE_PERIOD_S, worker_threads  # noqa: E402
 from int4_model import Int4ChatModel, cpu_threads  # noqa: E402
 from local import pf_home  # noqa: E402
@@ -261,10 +261,12 @@ def measure_endpoint(opts, servers: Servers, tokenizer, workers: int, threads: s
 
 
 def int4_form(layers: int | None) -> Path:
-    """quantize_model.py's int4 MLflow model of the Phi-3.5-mini-sized model, built once."""
+    """quantize_model.py's int4 MLflow model of the Phi-3.5-mini-sized model, built once, in a process of its own:
+    the model builder's ~20 GB would otherwise stay with this one while the servers load."""
     model_dir = common.phi35_mini_mlflow(layers)
     if not (model_dir.with_name("model-int4") / "MLmodel").exists():
-        quantize_model.quantize(model_dir, model_dir.with_name("model-int4"))
+        subprocess.run([sys.executable, str(common.ROOT / "finetuning_dir" / "quantize_model.py"), "--model-dir",
+                        str(model_dir), "--output-dir", str(model_dir.with_name("model-int4"))], check=True)
     return model_dir.with_name("model-int4")
 
 
@@ -400,7 +402,7 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
                          "slowest_s": slowest, "slowest_vs_alone": slowest / alone if alone else None,
                          **probes[(i, clients)].stats(), "server_rss_mb": rss_mb})
     servers.stop_all()
-    common.print_table(rows, ["form", "serving", "clients", "admitted", "rejected_429", "load_s", "calls", "p50_ms",
+    common.print_table(rows, ["form", "serving", "threads", "clients", "admitted", "rejected_429", "load_s", "calls", "p50_ms",
                               "p99_ms", "slowest_s", "slowest_vs_alone", "over_180_s", "answers_per_s",
                               "probe_max_s", "probes_failed", "probes", "server_rss_mb"])
     # Random weights never stop early, but their text re-tokenizes loosely: per-token speed is --big's.

@@ -45,8 +45,8 @@ class Form:
 
 
 FORMS = {
-    # 6 admitted, answered together: the slowest of 6 at once within ~37 s, so a request that just missed a
-    # batch waits ~75 s at most (BENCHMARKS.md section 8).
+    # 6 admitted, answered together: the slowest of 6 at once within 43.4 s on 2 vCPUs, so a request that just
+    # missed a batch waits 87 s at most (BENCHMARKS.md section 8).
     "int4": Form("int4", "quantized_model_output", "-int4", "model-int4",
                  max_concurrent_requests=3, initial_delay_s=30, failure_threshold=30, batched=True),
     # ~70 s per answer in bf16: 2 admitted, the second answered within ~140 s; 3 (the tutorial's) let

@@ -22,7 +22,9 @@ import psutil
 import pytest
 import requests
 
+from chat.endpoint import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
+from finetuning_dir.chat_data import PREDICT_PARAMS
 from local import pf_home
 from local.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
 from serving import processes
@@ -100,6 +102,15 @@ class Endpoint(Server):
     @property
     def key(self) -> str:
         return self.settings()["AZURE_ML_API_KEY"]
+
+    def greedy_answer(self, prompt: str) -> str:
+        """The model's answer to `prompt` asked directly, with the params a chat sends at AZURE_ML_TEMPERATURE=0."""
+        params = {**PREDICT_PARAMS, "do_sample": False}
+        del params["temperature"]
+        response = self.post({"input_data": [prompt], "params": params})
+        assert response.status_code == 200, response.text
+        (answer,) = response.json()
+        return answer
 
     def post(self, body, key: str | None = "default", content_type="application/json", **kwargs) -> requests.Response:
         headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}

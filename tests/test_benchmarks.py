@@ -35,7 +35,8 @@ def results(stdout: str) -> dict:
     return found
 
 
-@pytest.mark.parametrize("script", ["bench_finetune.py", "bench_dataprep.py", "bench_serving.py", "trace_memory.py"])
+@pytest.mark.parametrize("script", ["bench_finetune.py", "bench_dataprep.py", "bench_serving.py", "trace_memory.py",
+                                    "bench_openvino.py"])
 def test_help_explains_every_flag(script, capsys):
     with pytest.raises(SystemExit) as done:
         benchmark(script).parse_args(["--help"])

@@ -66,7 +66,7 @@ def test_chat_page_answers_and_keeps_the_conversation(page, flow_server):
     assert page.title() == "Local Server Test App"
 
     ask_on_page(page, QUESTION, ANSWER)
-    ask_on_page(page, "Is that right?", "Yes, that is right.")  # only right with the first turn as history
+    ask_on_page(page, "Is that right?", "Yes, that is right.")  # what the tiny model learned after the first turn
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
@@ -116,7 +116,7 @@ def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browse
     try:
         open_devui(page, agent_server.base_url)
         ask_devui(page, QUESTION, ANSWER)
-        ask_devui(page, "Is that right?", "Yes, that is right.")  # only right with the first turn as history
+        ask_devui(page, "Is that right?", "Yes, that is right.")  # what the tiny model learned after the first turn
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "agent-chat-page.png"))
         texts = page.locator("body").inner_text()
