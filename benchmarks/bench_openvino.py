@@ -15,7 +15,7 @@ The OpenVINO form is exported once from the same bf16 weights as quantize_model.
 alike: 4-bit symmetric weights in groups of 32, every layer (`optimum-cli export openvino`). Each round starts
 one process per engine, which loads the model, answers one warm-up question, then for each --clients value
 n answers n copies of the same chat question at once, exactly --tokens tokens each (end markers ignored,
-greedy), and reports the seconds until the last answer ended and its peak memory.
+greedy), and reports the seconds until the last answer ended and its memory (RSS) after the answers.
 """
 
 import argparse
@@ -140,8 +140,8 @@ def run_worker(opts) -> None:
         started = time.perf_counter()
         answer(n, opts.tokens)
         seconds[n] = time.perf_counter() - started
-    peak_mb = psutil.Process().memory_info().rss / 2**20  # the engines keep what they allocate: the peak
-    print(json.dumps({"engine": opts.worker, "load_s": load_s, "seconds": seconds, "rss_mb": peak_mb}))
+    rss_mb = psutil.Process().memory_info().rss / 2**20
+    print(json.dumps({"engine": opts.worker, "load_s": load_s, "seconds": seconds, "rss_mb": rss_mb}))
 
 
 def engine_versions() -> dict:

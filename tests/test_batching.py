@@ -79,12 +79,18 @@ def test_a_failing_request_fails_alone(model):
     assert sorted(sorted(texts) for texts, _ in model.calls) == [["ab"], ["ab", "boom", "cd"], ["boom"], ["cd"]]
 
 
+def call_under_way(batcher, model, pool, text: str):
+    """A request for `text` whose call has begun and holds until model.release is set; its future."""
+    model.release.clear()
+    future = pool.submit(batcher.ask, [text], None, 30)
+    assert model.in_call.wait(10)
+    return future
+
+
 def test_requests_that_come_during_a_call_share_the_next_one(model):
     batcher = Batcher(model.answer, gather_s=0.0).start()
-    model.release.clear()
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(batcher.ask, ["first"], None, 30)
-        assert model.in_call.wait(10)
+        first = call_under_way(batcher, model, pool, "first")
         later = [pool.submit(batcher.ask, [text], None, 30) for text in ("x", "y", "z")]
         time.sleep(0.3)  # all three are queued behind the call under way
         model.release.set()
@@ -102,10 +108,8 @@ def test_a_call_takes_at_most_max_rows_questions_but_never_splits_a_request(mode
 
 def test_a_request_that_waits_too_long_times_out_and_is_never_answered(model):
     batcher = Batcher(model.answer, gather_s=0.0).start()
-    model.release.clear()
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(batcher.ask, ["long"], None, 30)
-        assert model.in_call.wait(10)
+        running = call_under_way(batcher, model, pool, "long")
         with pytest.raises(TimeoutError):
             batcher.ask(["given up"], None, 0.2)
         model.release.set()
