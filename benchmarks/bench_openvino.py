@@ -19,6 +19,7 @@ greedy), and reports the seconds until the last answer ended and its memory (RSS
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -165,6 +166,11 @@ def main(argv=None) -> None:
         sys.exit(f"No int4 model at {dirs['onnxruntime-genai']}: run `python benchmarks/bench_serving.py "
                  f"--big-endpoint` first (it builds the model).")
     engines = opts.engines.split(",")
+    missing = [engine for engine in engines if engine not in ENGINES or importlib.util.find_spec(
+        engine.replace("-", "_")) is None]
+    if missing:
+        sys.exit(f"Cannot run {', '.join(missing)} here (engines: {', '.join(ENGINES)}): run `make bench-openvino`, "
+                 f"which installs both in .scratch/venv-openvino.")
     if "openvino-genai" in engines:
         export_openvino(dirs)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import config
 from serving import processes
-from serving.forms import FORMS, scoring_env, worker_threads
+from serving.forms import FORMS, PROBE_THREADS, scoring_env, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
@@ -202,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=worker_threads(FORMS["int4"]),
                         help="threads of the server's worker: requests it holds at once, those that arrive together "
                              f"answered together (default: {worker_threads(FORMS['int4'])}, as the int4 deployment: "
-                             f"{FORMS['int4'].admitted} requests and 2 probes; 1: one request at a time)")
+                             f"{FORMS['int4'].admitted} requests and {PROBE_THREADS} probes; 1: one request at a time)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
