@@ -9,11 +9,13 @@ everything else the page asks for (web fonts) is refused.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import requests
+from playwright.sync_api import expect
 
 from chat_fixtures import (  # noqa: F401
     ANSWER, ARTIFACTS, QUESTION, AgentServer, FlowServer, agent_server, endpoint, flow_server, quiet_pf_home,
@@ -93,22 +95,33 @@ def test_the_default_flask_engine_cannot_show_the_page(endpoint, quiet_pf_home, 
 
 
 def open_devui(page, base_url: str):
-    """DevUI's page on a new conversation, ready for a question (it reopens the server's latest conversation,
-    which the API tests may have left, and drops what is typed before its conversation exists)."""
+    """DevUI's page on a new conversation, ready for a question.
+
+    The page first reopens the server's latest conversation (which other tests may have left) and loads its
+    items; a conversation started before that load ends is overwritten by it, with what was asked there. So
+    wait until the conversation picker is enabled (its load is over), start a new conversation, and wait until
+    the picker shows it.
+    """
     page.goto(base_url + "/")
+    picker = page.get_by_role("combobox").filter(has_text=re.compile(r"Conversation \S{8}"))
+    expect(picker).to_be_enabled(timeout=60_000)
+    opened = picker.inner_text()
     page.get_by_text("New Conversation").click()
+    expect(picker).not_to_have_text(opened, timeout=60_000)
+    expect(picker).to_be_enabled(timeout=60_000)
     page.get_by_text("Start a conversation with").wait_for(timeout=60_000)
 
 
 def ask_devui(page, question: str, expected: str):
-    """Type into DevUI's chat box, send with Enter, and wait for `expected` on the page."""
+    """Type into DevUI's chat box, send with Enter, and wait for the question and then `expected` on the page."""
     box = page.locator("textarea")
     box.fill(question)
     box.press("Enter")
-    try:
-        page.get_by_text(expected).last.wait_for(timeout=60_000)
-    except Exception:  # playwright's TimeoutError: say what the page shows instead
-        raise AssertionError(f"{expected!r} not on the page; it shows:\n{page.locator('body').inner_text()}") from None
+    for text, timeout in ((question, 30_000), (expected, 60_000)):
+        try:
+            page.get_by_text(text).last.wait_for(timeout=timeout)
+        except Exception:  # playwright's TimeoutError: say what the page shows instead
+            raise AssertionError(f"{text!r} not on the page; it shows:\n{page.locator('body').inner_text()}") from None
 
 
 def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browser, agent_server):
