@@ -14,8 +14,8 @@ then it:
 The job is the one setup_ml.py recorded in .env (AZURE_ML_JOB_NAME) unless --job-name names another.
 
 An endpoint costs money while it exists, even idle: `--delete --yes` removes it. A deployment that
-fails prints what is still in the workspace, its price an hour, and that command; `python
-billing.py` lists everything in the workspace that bills now.
+fails prints what is still in the workspace, its price an hour, and that command; `python -m
+azure_steps.billing` lists everything in the workspace that bills now.
 
 `--connect` only writes a live endpoint's scoring URI and key into .env: switching the Prompt flow
 back to Azure after `--local` needs no redeploy.
@@ -64,10 +64,10 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import config
-from billing import deployment_rows
-from ml_client import OPENMPI_IMAGE, get_ml_client
-from preflight import check_quota, deployment_vcpus, size_facts, workspace_location
-from prices import cost_per_day, cost_per_hour
+from azure_steps.billing import deployment_rows
+from azure_steps.client import OPENMPI_IMAGE, get_ml_client
+from azure_steps.preflight import check_quota, deployment_vcpus, size_facts, workspace_location
+from azure_steps.prices import cost_per_day, cost_per_hour
 from serving import REQUEST_TIMEOUT_MS
 from serving.forms import FORMS, PROBE_PERIOD_S, scoring_env
 

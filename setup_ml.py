@@ -52,11 +52,11 @@ from azure.ai.ml.exceptions import JobException
 from azure.core.exceptions import ResourceNotFoundError
 
 import config
-from ml_client import OPENMPI_IMAGE, get_ml_client
-from preflight import (
+from azure_steps.client import OPENMPI_IMAGE, get_ml_client
+from azure_steps.preflight import (
     SizeFacts, check_quota, choose_location, cluster_vcpus, has_gpu, same_region, size_facts, workspace_location,
 )
-from prices import cost_for, cost_per_hour
+from azure_steps.prices import cost_for, cost_per_hour
 
 ROOT = Path(__file__).resolve().parent
 CONDA_FILE = ROOT / "conda.yml"

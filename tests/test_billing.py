@@ -13,7 +13,7 @@ from azure.core.exceptions import HttpResponseError
 from azure_fakes import mocked_ml_client
 from conftest import options_without_help
 
-import billing
+from azure_steps import billing
 
 
 def deployment(name, endpoint, size, count, state="Succeeded"):

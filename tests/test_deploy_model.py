@@ -401,7 +401,7 @@ def test_unfilled_placeholder_stops_the_script(tmp_path):
 
 
 def test_deploy_needs_identity_and_names_filled(monkeypatch):
-    import ml_client
+    from azure_steps import client as ml_client
 
     for name, value in SETTINGS.items():
         monkeypatch.setattr(config, name, value)

@@ -18,7 +18,7 @@ from azure_fakes import listed_size, listed_usage, mocked_ml_client, poller
 from conftest import ROOT, TINY_TRAINING_FLAGS, options_without_help, run_main, run_script
 
 import config  # noqa: I001  (the same module object the scripts hold)
-import ml_client as ml_client_module
+from azure_steps import client as ml_client_module
 import setup_ml
 
 SETTINGS = {

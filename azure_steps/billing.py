@@ -3,9 +3,9 @@
 Lists the workspace's managed online endpoints with their deployments (VM size and instance count,
 billed for as long as they exist, called or not), its compute clusters with their current and
 minimum nodes (a cluster bills for the nodes it has; min_instances above 0 keeps them while idle),
-and compute instances that are running. Prices are list prices with their date (prices.py).
+and compute instances that are running. Prices are list prices with their date (azure_steps/prices.py).
 
-    python billing.py
+    python -m azure_steps.billing
 """
 
 import argparse
@@ -13,8 +13,8 @@ import sys
 
 from azure.core.exceptions import HttpResponseError
 
-from ml_client import get_ml_client
-from prices import PRICES_AS_OF, PRICE_REGION, cost_per_hour, hourly
+from azure_steps.client import get_ml_client
+from azure_steps.prices import PRICES_AS_OF, PRICE_REGION, cost_per_hour, hourly
 
 
 def deployment_rows(ml_client, endpoint_name: str) -> list[tuple[str, float | None]]:
