@@ -1,0 +1,207 @@
+"""setup_ml.py through the real, unpatched azure-ai-ml MLClient, against Azure's REST API as tests/azure_rest.py
+stands in for it: the pre-flight's lists, the cluster created, the job submitted and streamed to each end."""
+
+import sys
+
+import pytest
+
+from azure_rest import GROUP, LOCATION, SUBSCRIPTION, TOKEN, WORKSPACE, AzureMLStandIn, usage, wait_for_pollers
+from conftest import run_main
+from evaluation_fixtures import StaticCredential, make_certificate, resolve_to_stand_in
+
+import config  # noqa: I001  (the same module object the scripts hold)
+import setup_ml
+
+A100 = "Standard_NC24ads_A100_v4"
+
+
+@pytest.fixture
+def azure(tmp_path, monkeypatch, chat_files):
+    """The stand-in, reached by the real MLClient as Azure would be; filled-in settings; .env in tmp_path."""
+    certificate = make_certificate(tmp_path, AzureMLStandIn.HOSTS)
+    stand_in = AzureMLStandIn(certificate)
+    resolve_to_stand_in(monkeypatch, AzureMLStandIn.HOSTS, stand_in.port)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # requests' (azure-core's transport)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    for name, value in (("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION), ("AZURE_RESOURCE_GROUP_NAME", GROUP),
+                        ("AZURE_ML_WORKSPACE_NAME", WORKSPACE)):
+        monkeypatch.setattr(config, name, value)
+    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    monkeypatch.setattr(config, "TRAIN_DATA_PATH", str(chat_files[0]))
+    monkeypatch.setattr(config, "TEST_DATA_PATH", str(chat_files[1]))
+    for name in ("AZURE_ML_JOB_NAME", "AZURE_ML_REHEARSAL_JOB_NAME"):
+        monkeypatch.setattr(config, name, "")
+        monkeypatch.delenv(name, raising=False)  # save_settings() exports it; undone afterwards
+    use_static_token(monkeypatch)
+    fast_run_history_polls(monkeypatch)
+    yield stand_in
+    wait_for_pollers()
+    stand_in.close()
+
+
+def use_static_token(monkeypatch):
+    """The one thing not Azure's: the Azure CLI login gives way to a static token (what `az login` would give)."""
+    client_module = sys.modules[setup_ml.get_ml_client.__module__]
+    monkeypatch.setattr(client_module, "AzureCliCredential", lambda: StaticCredential(TOKEN))
+
+
+def fast_run_history_polls(monkeypatch):
+    """azure-ai-ml polls the run history every 2 to 60 s, read once from AZUREML_RUN_POLLING_INTERVAL_MIN/MAX
+    when it is imported (already done here); the same setting, 0, made on the class those variables fill."""
+    from azure.ai.ml.operations._run_history_constants import RunHistoryConstants
+
+    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
+    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MAX", 0)
+
+
+def job_line(result) -> str:
+    """The learner's last line: what the script exits with (stderr) or, failing that, its last printed line."""
+    lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return lines[-1] if lines else ""
+
+
+def submitted_job(azure) -> dict:
+    (put,) = [r for r in azure.requests if r["method"] == "PUT" and "/jobs/" in r["path"]]
+    return put
+
+
+def test_a_cluster_is_created_and_the_job_streamed_to_completed(azure, tmp_path):
+    azure.job_statuses = ["Queued", "Running", "Running", "Completed"]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    # The pre-flight read the region's lists before anything was created.
+    order = [(r["method"], r["path"].split("?")[0].rsplit("/", 1)[-1]) for r in azure.requests
+             if r["headers"]["Host"] == AzureMLStandIn.ARM]
+    assert order.index(("GET", "usages")) < order.index(("PUT", "gpu-nc24s-a100-v4"))
+    assert f"needs 24 standardNCADSA100v4Family vCPUs in {LOCATION}" in result.stdout
+    # The cluster: created as an ARM long-running operation, polled to Succeeded, scaling 0..1.
+    (create,) = azure.called("PUT", "/computes/gpu-nc24s-a100-v4")
+    cluster = create["body"]["properties"]
+    assert create["body"]["location"] == LOCATION and cluster["computeType"] == "AmlCompute"
+    assert cluster["properties"]["vmSize"] == A100 and cluster["properties"]["vmPriority"] == "Dedicated"
+    assert cluster["properties"]["scaleSettings"]["minNodeCount"] == 0
+    assert cluster["properties"]["scaleSettings"]["maxNodeCount"] == 1
+    assert [r for r in azure.requests if "computeOperationsStatus" in r["path"]]
+    assert azure.resource("/computes/gpu-nc24s-a100-v4")["properties"]["provisioningState"] == "Succeeded"
+    # The job: its code snapshot and data uploaded to the workspace's storage, then submitted with its limit.
+    assert any(path.endswith("/finetuning_dir/fine_tune.py") for path in azure.blobs)
+    assert any(path.endswith("/train.jsonl") for path in azure.blobs)
+    job = submitted_job(azure)["body"]["properties"]
+    name = submitted_job(azure)["path"].split("/jobs/")[1].split("?")[0]
+    assert job["computeId"].endswith("/computes/gpu-nc24s-a100-v4") and job["limits"]["timeout"] == "PT4H"
+    assert "/environments/phi-3-training-environment/versions/" in job["environmentId"]
+    assert "python fine_tune.py" in job["command"] and "/codes/" in job["codeId"]
+    # Streamed: the run history's log, then the end; the name is in .env for deploy_model.py.
+    assert "Streaming user_logs/std_log.txt" in result.stdout and "Saved the model" in result.stdout
+    assert f"AZURE_ML_JOB_NAME={name}" in (tmp_path / ".env").read_text() or f"AZURE_ML_JOB_NAME='{name}'" in (
+        tmp_path / ".env").read_text()
+
+
+def test_a_failed_job_ends_with_azures_error_code_and_message(azure, tmp_path):
+    azure.job_statuses = ["Running", "Failed"]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    name = submitted_job(azure)["path"].split("/jobs/")[1].split("?")[0]
+    line = job_line(result)
+    assert result.returncode != 0
+    assert name in line and "UserError" in line
+    assert "User process 'python' exited with status code 1" in line, line  # error.message, not "{"
+
+
+@pytest.mark.parametrize("end", ["Canceled", "NotResponding"])
+def test_a_job_that_ends_canceled_or_not_responding_exits_non_zero(azure, tmp_path, end):
+    azure.job_statuses = ["Running", end]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    name = submitted_job(azure)["path"].split("/jobs/")[1].split("?")[0]
+    line = job_line(result)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert name in line and end in line
+
+
+def test_ctrl_c_while_streaming_says_the_job_runs_on_and_how_to_cancel_it(azure, tmp_path):
+    # Ctrl-C arrives while azure-ai-ml waits on the run history's third answer (SIGINT to the main thread,
+    # as the terminal sends it), which azure-ai-ml turns into its JobException "...still executing...".
+    azure.job_statuses = ["Running"]
+    azure.ctrl_c_at("run details", 3)
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    name = submitted_job(azure)["path"].split("/jobs/")[1].split("?")[0]
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "failed" not in job_line(result).lower()
+    assert name in job_line(result) or name in said.splitlines()[-3:][0]
+    assert "US$3.67/h" in said and "4 h" in said  # what it bills an hour, until its time limit
+    cancel = [line for line in said.splitlines() if "cancel" in line.lower() and name in line]
+    assert cancel, said[-1500:]
+    assert not [r for r in azure.requests if r["path"].split("?")[0].endswith("/cancel")]  # it runs on
+
+
+def test_short_quota_stops_before_anything_is_created(azure, tmp_path):
+    azure.usages = [usage("standardNCADSA100v4Family", used=96, limit=96)]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    assert result.returncode == 1
+    assert "needs 24 vCPUs, 0 available (96 of 96 in use)" in result.stderr
+    assert not [r for r in azure.requests if r["method"] == "PUT"]
+
+
+def test_a_quota_list_answering_403_is_said_and_the_run_goes_on(azure, tmp_path):
+    azure.forbidden = {"usages"}
+    result = run_main(setup_ml.main, ["--no-stream"], tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    (said,) = [line for line in result.stdout.splitlines() if "quota list" in line]
+    assert "AuthorizationFailed" in said and "going on" in said
+    assert azure.called("PUT", "/computes/gpu-nc24s-a100-v4")
+
+
+def test_a_size_list_answering_403_is_said_in_one_line(azure, tmp_path):
+    azure.forbidden = {"vmSizes"}
+    result = run_main(setup_ml.main, ["--no-stream"], tmp_path)
+
+    said = result.stdout + result.stderr
+    assert "Traceback" not in said
+    (line,) = [line for line in said.splitlines() if "AuthorizationFailed" in line or "403" in line]
+    assert "size" in line.lower()
+
+
+def test_a_size_the_region_does_not_offer_stops_before_anything_is_created(azure, tmp_path):
+    azure.sizes = [s for s in azure.sizes if s["name"] != A100]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    assert result.returncode != 0
+    assert A100 in job_line(result) and LOCATION in job_line(result)
+    assert not [r for r in azure.requests if r["method"] == "PUT"]
+
+
+def test_a_family_missing_from_the_quota_list_stops_before_anything_is_created(azure, tmp_path):
+    azure.usages = [u for u in azure.usages if u["name"]["value"] != "standardNCADSA100v4Family"]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    assert result.returncode != 0
+    assert "standardNCADSA100v4Family" in job_line(result) and LOCATION in job_line(result)
+    assert not [r for r in azure.requests if r["method"] == "PUT"]
+
+
+def test_a_reused_clusters_quota_is_checked(azure, tmp_path):
+    # The cluster exists, scaled to 0: its node takes 24 vCPUs again when the job starts, and others hold them.
+    azure.resources[(azure.scope + "/computes/gpu-nc24s-a100-v4").lower()] = existing_cluster(azure)
+    azure.usages = [usage("standardNCADSA100v4Family", used=96, limit=96)]
+    result = run_main(setup_ml.main, [], tmp_path)
+
+    said = result.stdout + result.stderr
+    assert "24" in said and "96 of 96" in said, said[-1500:]
+    assert not [r for r in azure.requests if r["method"] == "PUT" and "/jobs/" in r["path"]]
+
+
+def existing_cluster(azure) -> dict:
+    """EXAMPLES/2023-08-01-preview/examples/Compute/get/AmlCompute.json, this workspace's A100 cluster at 0 nodes."""
+    return {"id": azure.scope + "/computes/gpu-nc24s-a100-v4", "name": "gpu-nc24s-a100-v4",
+            "type": "Microsoft.MachineLearningServices/workspaces/computes", "location": LOCATION,
+            "properties": {"computeType": "AmlCompute", "provisioningState": "Succeeded", "computeLocation": LOCATION,
+                           "properties": {"vmSize": A100, "vmPriority": "Dedicated", "osType": "Linux",
+                                          "scaleSettings": {"maxNodeCount": 1, "minNodeCount": 0,
+                                                            "nodeIdleTimeBeforeScaleDown": "PT2M"},
+                                          "allocationState": "Steady", "currentNodeCount": 0, "targetNodeCount": 0}}}
