@@ -109,6 +109,12 @@ NAME_TAKEN = {"error": {"code": "BadArgument", "message": (
     'region. Try some other name."]},"title":"One or more validation errors occurred."}')}}
 
 
+# Who made a resource and when, as every example's systemData carries it.
+SYSTEM_DATA = {"createdAt": "2026-12-06T21:00:00.000Z", "createdBy": "learner@contoso.com", "createdByType": "User",
+               "lastModifiedAt": "2026-12-06T21:00:00.000Z", "lastModifiedBy": "learner@contoso.com",
+               "lastModifiedByType": "User"}
+
+
 class AzureMLStandIn(Recording):
     """The workspace WORKSPACE in LOCATION, its region's quota, and the calls on it, as Azure answers them."""
 
@@ -258,8 +264,7 @@ class AzureMLStandIn(Recording):
     def put(self, path, route, body):
         kind = route.split("/")[1]
         resource = {**(body or {}), "id": path, "name": path.rsplit("/", 1)[1], "type": arm_type(route),
-                    "systemData": {"createdAt": "2026-12-06T21:00:00Z", "createdBy": "learner@contoso.com",
-                                   "createdByType": "User"}}
+                    "systemData": SYSTEM_DATA}
         properties = resource.setdefault("properties", {})
         if kind == "jobs":  # EXAMPLES/2024-01-01-preview/examples/Job/CommandJob/createOrUpdate.json (201)
             name = resource["name"]
@@ -270,6 +275,9 @@ class AzureMLStandIn(Recording):
             return 201, resource, {}
         if kind in ("environments", "codes", "models"):  # EXAMPLES/.../{Environment,Code,Model}Version/createOrUpdate.json
             properties.setdefault("provisioningState", "Succeeded")
+            if kind == "models" and properties.get("modelType") == "mlflow_model":
+                # Azure reads the MLflow model's flavors from its MLmodel file (ModelVersion/get.json's "flavors")
+                properties.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.pyfunc.model"}}})
             self.resources[path.lower()] = resource
             return 200, resource, {}
         if kind == "onlineEndpoints" and route.count("/") == 2:
@@ -277,10 +285,12 @@ class AzureMLStandIn(Recording):
             if name in self.taken_endpoint_names:
                 return 400, NAME_TAKEN, {}
             # EXAMPLES/2022-02-01-preview/examples/OnlineEndpoint/createOrUpdate.json
+            properties.setdefault("properties", {"azureml.onlineendpointid": path})  # as Azure fills it
             properties.update(scoringUri=f"https://{name}.{LOCATION}.inference.ml.azure.com/score",
                               swaggerUri=f"https://{name}.{LOCATION}.inference.ml.azure.com/swagger.json")
             return self.start_operation(path, resource, "onlineEndpoints", "mfe")
         if kind == "onlineEndpoints":  # a deployment: EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/
+            properties.setdefault("scaleSettings", {"scaleType": "Default"})  # what Azure fills in
             return self.start_operation(path, resource, "deployments", "mfe")  # ManagedOnlineDeployment/createOrUpdate.json
         if kind == "computes":  # EXAMPLES/2023-08-01-preview/examples/Compute/createOrUpdate/BasicAmlCompute.json
             return self.start_operation(path, resource, "computes", "compute")
@@ -395,6 +405,41 @@ class AzureMLStandIn(Recording):
             return 200, Text(list_blobs_xml(self.STORAGE, path, parse_qs(url.query).get("prefix", [""])[0],
                                             self.blobs)), {"Content-Type": "application/xml"}
         return 404, None, {"x-ms-error-code": "BlobNotFound"}
+
+    def add_completed_job(self, name: str, outputs=("model_output", "quantized_model_output")) -> None:
+        """A fine-tuning job that ended Completed, with its MLflow model outputs (EXAMPLES/2024-01-01-preview/
+        examples/Job/CommandJob/get.json, this workspace's values)."""
+        self.resources[f"{self.scope}/jobs/{name}".lower()] = {
+            "id": f"{self.scope}/jobs/{name}", "name": name, "type": f"{PROVIDER}/workspaces/jobs",
+            "properties": {
+                "jobType": "Command", "status": "Completed", "displayName": "fine-tune-phi-3",
+                "experimentName": "finetune-phi", "command": "python fine_tune.py",
+                "computeId": f"{self.scope}/computes/gpu-nc24s-a100-v4",
+                "environmentId": f"{self.scope}/environments/phi-3-training-environment/versions/1",
+                "outputs": {output: {"jobOutputType": "mlflow_model", "mode": "ReadWriteMount",
+                                     "uri": f"azureml://datastores/workspaceblobstore/ExperimentRun/dcid.{name}/{output}"}
+                            for output in outputs},
+                "services": {"Studio": {"jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}"}}}}
+
+    def add_endpoint(self, name: str, deployments: dict[str, str]) -> None:
+        """An endpoint that exists, with deployments in the given provisioning states (EXAMPLES/2022-02-01-preview/
+        examples/OnlineEndpoint/get.json, EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/ManagedOnlineDeployment/
+        get.json, this workspace's values)."""
+        endpoint = f"{self.scope}/onlineEndpoints/{name}"
+        self.resources[endpoint.lower()] = {
+            "id": endpoint, "name": name, "type": f"{PROVIDER}/workspaces/onlineEndpoints", "location": LOCATION,
+            "identity": {"type": "UserAssigned", "userAssignedIdentities": {}}, "systemData": SYSTEM_DATA,
+            "properties": {"authMode": "Key", "provisioningState": "Succeeded", "traffic": {d: 0 for d in deployments},
+                           "properties": {"azureml.onlineendpointid": endpoint},
+                           "scoringUri": f"https://{name}.{LOCATION}.inference.ml.azure.com/score"}}
+        for deployment, state in deployments.items():
+            self.resources[f"{endpoint}/deployments/{deployment}".lower()] = {
+                "id": f"{endpoint}/deployments/{deployment}", "name": deployment, "location": LOCATION,
+                "type": f"{PROVIDER}/workspaces/onlineEndpoints/deployments", "systemData": SYSTEM_DATA,
+                "sku": {"name": "Default", "capacity": 1},
+                "properties": {"endpointComputeType": "Managed", "instanceType": "Standard_E4s_v3",
+                               "provisioningState": state, "scaleSettings": {"scaleType": "Default"},
+                               "model": f"{self.scope}/models/finetune-phi-model-int4/versions/1"}}
 
     # ---- what the tests read -----------------------------------------------------------------------------
     def called(self, method: str, route: str) -> list[dict]:

@@ -39,9 +39,9 @@ def azure(tmp_path, monkeypatch, chat_files):
     stand_in.close()
 
 
-def use_static_token(monkeypatch):
+def use_static_token(monkeypatch, script=setup_ml):
     """The one thing not Azure's: the Azure CLI login gives way to a static token (what `az login` would give)."""
-    client_module = sys.modules[setup_ml.get_ml_client.__module__]
+    client_module = sys.modules[script.get_ml_client.__module__]
     monkeypatch.setattr(client_module, "AzureCliCredential", lambda: StaticCredential(TOKEN))
 
 
@@ -194,6 +194,20 @@ def test_a_reused_clusters_quota_is_checked(azure, tmp_path):
     said = result.stdout + result.stderr
     assert "24" in said and "96 of 96" in said, said[-1500:]
     assert not [r for r in azure.requests if r["method"] == "PUT" and "/jobs/" in r["path"]]
+
+
+def test_a_quota_list_worded_as_microsofts_example_does_not_stop_the_run(azure, tmp_path):
+    """Usage/list.json (2023-08-01-preview, as learn.microsoft.com shows it for 2025-06-01 too) writes each family's
+    label in name.value as well, the family's id only in the entry's id: were Azure to answer so, the pre-flight
+    must not stop a learner whose quota is there."""
+    label = "Standard NCADSA100v4 Family Cluster Dedicated vCPUs"
+    azure.usages = [{**usage("standardNCADSA100v4Family", 0, 96, label),
+                     "id": f"/subscriptions/{SUBSCRIPTION}/usages/Standard_NCADSA100v4_Family_Cluster_Dedicated_vCPUs",
+                     "name": {"value": label, "localizedValue": label}}]
+    result = run_main(setup_ml.main, ["--no-stream"], tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert submitted_job(azure)
 
 
 def existing_cluster(azure) -> dict:
