@@ -4,9 +4,10 @@ One HTTPS server on 127.0.0.1 answers for three Azure hosts, which resolve to it
 process (evaluation_fixtures.resolve_to_stand_in):
 - Azure Resource Manager (management.azure.com): the workspace, its computes, the region's VM
   sizes and quota, environments, code and models, jobs, online endpoints and deployments, at the
-  api-versions azure-ai-ml 1.35 sends (read from its requests: workspace 2024-10-01-preview;
-  computes, sizes, usages, models, code 2023-08-01-preview; jobs 2024-01-01-preview; online
-  endpoints 2022-02-01-preview; deployments, environments 2023-04-01-preview);
+  api-versions azure-ai-ml 1.35.2 sends (read from its requests: workspace and datastores
+  2024-10-01-preview; computes, VM sizes, usages, models 2023-08-01-preview; code 2023-04-01;
+  environments and deployments 2023-04-01-preview; jobs 2025-01-01-preview to submit,
+  2024-01-01-preview to read; online endpoints and the list of deployments 2022-02-01-preview);
 - the workspace's region host (eastus2.api.azureml.ms): its discovery document and the run
   history, whose run details carry a job's status, error and log files;
 - the workspace's storage account (standinstore.blob.core.windows.net): the code snapshot and the
@@ -14,8 +15,9 @@ process (evaluation_fixtures.resolve_to_stand_in):
 
 Bodies follow Microsoft's published examples in Azure/azure-rest-api-specs,
 specification/machinelearningservices/resource-manager/Microsoft.MachineLearningServices/preview/
-<api-version>/examples/ (named EXAMPLES/... at each route below), with this workspace's names
-and values in place of the examples' placeholders. Long-running operations answer as ARM does:
+(named "EXAMPLES <api-version>/examples/..." at each route below: the version the SDK sends where
+that folder has the example, else the nearest that has it), with this workspace's names and values
+in place of the examples' placeholders ("string"), and the fields Azure fills in that the SDK reads. Long-running operations answer as ARM does:
 201 (or 202 for a delete) with Azure-AsyncOperation (and x-ms-async-operation-timeout), then the
 operation's status (Azure/azure-resource-manager-rpc, v1.0/async-api-reference.md): InProgress,
 Succeeded, or Failed with its error; the resource then carries the end state.
@@ -35,15 +37,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from evaluation_fixtures import Recording
 
-EXAMPLES = "azure-rest-api-specs/.../Microsoft.MachineLearningServices/preview"
 TOKEN = "stand-in-arm-token"
+ACCOUNT_KEY = "c3RhbmQtaW4tYWNjb3VudC1rZXk="  # the storage account's key, base64 as Azure's (listSecrets)
 SUBSCRIPTION = "00000000-1111-2222-3333-444444444444"
 GROUP = "finetunephi-rg"
 WORKSPACE = "finetunephi-workspace"
 LOCATION = "eastus2"
 PROVIDER = "Microsoft.MachineLearningServices"
 
-# The region's VM sizes, as EXAMPLES/2023-08-01-preview/examples/VirtualMachineSize/list.json lists them
+# The region's VM sizes, as EXAMPLES 2023-08-01-preview/examples/VirtualMachineSize/list.json lists them
 # (name, family, vCPUs, gpus, memoryGB, ...); the sizes the project uses, with their families.
 SIZES = [
     {"name": "Standard_DS1_v2", "family": "standardDSv2Family", "vCPUs": 1, "gpus": 0, "memoryGB": 3.5},
@@ -58,7 +60,7 @@ SIZE_FIELDS = {"osVhdSizeMB": 1047552, "maxResourceVolumeMB": 65536, "lowPriorit
 
 
 def usage(family: str, used: int, limit: int, label: str | None = None) -> dict:
-    """One entry of the region's quota list, as EXAMPLES/2023-08-01-preview/examples/Usage/list.json writes a
+    """One entry of the region's quota list, as EXAMPLES 2023-08-01-preview/examples/Usage/list.json writes a
     vmFamily entry. That example writes the label in name.value too; here name.value is the family's id, the
     one the list of VM sizes gives (what the project's pre-flight matches on): only Azure can say which."""
     label = label or f"{family} Cluster Dedicated vCPUs"
@@ -174,11 +176,11 @@ class AzureMLStandIn(Recording):
     def resource_manager(self, request, path, query):
         method, body = request["method"], request["body"]
         regional = f"/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{LOCATION}"
-        if path == f"{regional}/vmSizes":  # EXAMPLES/2023-08-01-preview/examples/VirtualMachineSize/list.json
+        if path == f"{regional}/vmSizes":  # EXAMPLES 2023-08-01-preview/examples/VirtualMachineSize/list.json
             if "vmSizes" in self.forbidden:
                 return 403, authorization_failed(f"{PROVIDER}/locations/vmsizes/read", regional), {}
             return 200, {"value": self.sizes}, {}
-        if path == f"{regional}/usages":  # EXAMPLES/2023-08-01-preview/examples/Usage/list.json
+        if path == f"{regional}/usages":  # EXAMPLES 2023-08-01-preview/examples/Usage/list.json
             if "usages" in self.forbidden:
                 return 403, authorization_failed(f"{PROVIDER}/locations/usages/read", regional), {}
             return 200, {"value": self.usages}, {}
@@ -192,19 +194,19 @@ class AzureMLStandIn(Recording):
             return 200, self.workspace(), {}
         if route == "/datastores/workspaceblobstore" or (route == "/datastores" and method == "GET"):
             return self.datastores(route)
-        if route == "/datastores/workspaceblobstore/listSecrets":  # EXAMPLES/.../Datastore/listSecrets.json
-            return 200, {"secretsType": "Sas", "sasToken": "sv=2025-01-05&sig=stand-in-sas"}, {}
+        if route == "/datastores/workspaceblobstore/listSecrets":  # EXAMPLES 2023-04-01-preview/examples/
+            return 200, {"secretsType": "AccountKey", "key": ACCOUNT_KEY}, {}  # Datastore/listSecrets.json
         match = re.fullmatch(r"/jobs/([^/]+)/cancel", route)
         if match:
             return self.cancel_job(match.group(1))
         match = re.fullmatch(r"/onlineEndpoints/([^/]+)/listKeys", route)
-        if match:  # EXAMPLES/2022-02-01-preview/examples/OnlineEndpoint/listKeys.json
+        if match:  # EXAMPLES 2024-10-01-preview/examples/Workspace/OnlineEndpoint/listKeys.json (EndpointAuthKeys)
             return 200, {"primaryKey": "stand-in-primary-key", "secondaryKey": "stand-in-secondary-key"}, {}
         match = re.fullmatch(r"/onlineEndpoints/([^/]+)/deployments/([^/]+)/getLogs", route)
-        if match:  # EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/getLogs.json
+        if match:  # EXAMPLES 2023-04-01-preview/examples/OnlineDeployment/getLogs.json
             return 200, {"content": "Liveness probe failed: connection refused\nContainer crashed at boot"}, {}
         match = re.fullmatch(r"/codes/([^/]+)/versions/([^/]+)/startPendingUpload", route)
-        if match:  # EXAMPLES/2023-08-01-preview/examples/CodeVersion/createOrGetStartPendingUpload.json
+        if match:  # EXAMPLES 2023-08-01-preview/examples/Workspace/CodeVersion/createOrGetStartPendingUpload.json
             container = f"https://{self.STORAGE}/{self.CONTAINER}/LocalUpload/{match.group(1)}"
             return 200, {"blobReferenceForConsumption": {
                 "blobUri": container, "storageAccountArmId": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}"
@@ -212,10 +214,10 @@ class AzureMLStandIn(Recording):
                 "credential": {"credentialType": "SAS", "sasUri": container + "?sv=2025-01-05&sig=stand-in-sas"}},
                 "pendingUploadId": str(uuid.uuid4()), "pendingUploadType": "TemporaryBlobReference"}, {}
         match = re.fullmatch(r"/(environments|codes|models)/([^/]+)/versions", route)
-        if match and method == "GET":  # the version list (EXAMPLES/.../EnvironmentVersion/list.json)
+        if match and method == "GET":  # EXAMPLES 2023-08-01-preview/examples/Workspace/{Environment,Code,Model}Version/list.json
             return self.versions(route)
         match = re.fullmatch(r"/onlineEndpoints/([^/]+)/deployments", route)
-        if match and method == "GET":  # EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/list.json
+        if match and method == "GET":  # EXAMPLES 2022-02-01-preview/examples/OnlineDeployment/list.json
             return self.listing(route)
         if method == "GET" and route in ("/onlineEndpoints", "/computes"):
             return self.listing(route)
@@ -229,7 +231,8 @@ class AzureMLStandIn(Recording):
 
     # ---- ARM resources ---------------------------------------------------------------------------------
     def workspace(self) -> dict:
-        """EXAMPLES/2024-10-01-preview/examples/Workspace/get.json, the fields azure-ai-ml reads."""
+        """EXAMPLES 2024-10-01-preview/examples/Workspace/get.json, the fields azure-ai-ml reads (discoveryUrl: the
+        region's host, as Azure gives it; the example has a placeholder)."""
         return {"id": self.scope, "name": WORKSPACE, "type": f"{PROVIDER}/workspaces", "location": LOCATION,
                 "kind": "Default", "identity": {"type": "SystemAssigned"},
                 "properties": {
@@ -241,7 +244,7 @@ class AzureMLStandIn(Recording):
                     "workspaceId": "00000000-aaaa-bbbb-cccc-000000000001"}}
 
     def datastores(self, route):
-        """EXAMPLES/2023-04-01-preview/examples/Datastore/get.json (AzureBlob, workspace's default)."""
+        """EXAMPLES 2023-04-01-preview/examples/Datastore/get.json: the workspace's default AzureBlob datastore."""
         store = {"id": self.scope + "/datastores/workspaceblobstore", "name": "workspaceblobstore",
                  "type": f"{PROVIDER}/workspaces/datastores", "properties": {
                      "datastoreType": "AzureBlob", "isDefault": True, "accountName": "standinstore",
@@ -266,17 +269,18 @@ class AzureMLStandIn(Recording):
         resource = {**(body or {}), "id": path, "name": path.rsplit("/", 1)[1], "type": arm_type(route),
                     "systemData": SYSTEM_DATA}
         properties = resource.setdefault("properties", {})
-        if kind == "jobs":  # EXAMPLES/2024-01-01-preview/examples/Job/CommandJob/createOrUpdate.json (201)
+        if kind == "jobs":  # EXAMPLES 2024-01-01-preview/examples/Job/CommandJob/createOrUpdate.json (201)
             name = resource["name"]
             properties.update(status="Starting", services={"Studio": {
                 "jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}?wsid={self.scope}"},
                 "Tracking": {"jobServiceType": "Tracking", "endpoint": f"azureml://{self.REGION}/mlflow/v1.0{self.scope}"}})
             self.resources[path.lower()] = resource
             return 201, resource, {}
-        if kind in ("environments", "codes", "models"):  # EXAMPLES/.../{Environment,Code,Model}Version/createOrUpdate.json
+        if kind in ("environments", "codes", "models"):  # EXAMPLES 2023-08-01-preview/examples/Workspace/
+            # {Environment,Code,Model}Version/createOrUpdate.json
             properties.setdefault("provisioningState", "Succeeded")
             if kind == "models" and properties.get("modelType") == "mlflow_model":
-                # Azure reads the MLflow model's flavors from its MLmodel file (ModelVersion/get.json's "flavors")
+                # Azure reads the MLflow model's flavors from its MLmodel file (ModelVersion/createOrUpdate.json's "flavors")
                 properties.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.pyfunc.model"}}})
             self.resources[path.lower()] = resource
             return 200, resource, {}
@@ -284,15 +288,15 @@ class AzureMLStandIn(Recording):
             name = resource["name"]
             if name in self.taken_endpoint_names:
                 return 400, NAME_TAKEN, {}
-            # EXAMPLES/2022-02-01-preview/examples/OnlineEndpoint/createOrUpdate.json
+            # EXAMPLES 2022-02-01-preview/examples/OnlineEndpoint/createOrUpdate.json
             properties.setdefault("properties", {"azureml.onlineendpointid": path})  # as Azure fills it
             properties.update(scoringUri=f"https://{name}.{LOCATION}.inference.ml.azure.com/score",
                               swaggerUri=f"https://{name}.{LOCATION}.inference.ml.azure.com/swagger.json")
             return self.start_operation(path, resource, "onlineEndpoints", "mfe")
-        if kind == "onlineEndpoints":  # a deployment: EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/
+        if kind == "onlineEndpoints":  # a deployment: EXAMPLES 2023-04-01-preview/examples/OnlineDeployment/
             properties.setdefault("scaleSettings", {"scaleType": "Default"})  # what Azure fills in
             return self.start_operation(path, resource, "deployments", "mfe")  # ManagedOnlineDeployment/createOrUpdate.json
-        if kind == "computes":  # EXAMPLES/2023-08-01-preview/examples/Compute/createOrUpdate/BasicAmlCompute.json
+        if kind == "computes":  # EXAMPLES 2023-08-01-preview/examples/Compute/createOrUpdate/BasicAmlCompute.json
             return self.start_operation(path, resource, "computes", "compute")
         return not_found(path)
 
@@ -336,8 +340,8 @@ class AzureMLStandIn(Recording):
         return 200, status, ({"Retry-After": "1"} if state == "InProgress" else {})
 
     def delete(self, path):
-        """202 with Azure-AsyncOperation and Location (EXAMPLES/.../OnlineDeployment/delete.json, OnlineEndpoint/
-        delete.json); the resource is gone once the operation succeeds."""
+        """202 (EXAMPLES 2022-02-01-preview/examples/OnlineDeployment/delete.json and OnlineEndpoint/delete.json),
+        with Azure-AsyncOperation and Location as the spec's 202 headers; the resource is gone once it succeeds."""
         if path.lower() not in self.resources:
             return 204, None, {}
         operation = str(uuid.uuid4())
@@ -348,7 +352,7 @@ class AzureMLStandIn(Recording):
         return 202, None, {**headers, "Location": headers["Azure-AsyncOperation"]}
 
     def cancel_job(self, name):
-        """EXAMPLES/2024-01-01-preview/examples/Job/cancel.json: 202 with Location."""
+        """EXAMPLES 2024-01-01-preview/examples/Job/cancel.json: 202 with Location."""
         job = self.resources.get(f"{self.scope}/jobs/{name}".lower())
         if job is None:
             return not_found(name)
@@ -387,8 +391,11 @@ class AzureMLStandIn(Recording):
     # ---- the storage account ---------------------------------------------------------------------------
     def storage(self, request, url):
         path = url.path
-        if "sig=stand-in-sas" not in url.query:
-            return 403, None, {}
+        # Signed by the SAS Azure ML handed out (startPendingUpload, the log files) or with the account's key.
+        signed = "sig=stand-in-sas" in url.query or request["headers"].get("Authorization", "").startswith(
+            "SharedKey standinstore:")
+        if not signed:
+            return 403, None, {"x-ms-error-code": "AuthenticationFailed"}
         if path.endswith("/user_logs/std_log.txt") and request["method"] == "GET":
             return 200, Text("\n".join(self.log_lines) + "\n"), {}
         blob = {"ETag": '"0x8DD000000000001"', "Last-Modified": "Sun, 06 Dec 2026 21:00:00 GMT",
@@ -407,7 +414,7 @@ class AzureMLStandIn(Recording):
         return 404, None, {"x-ms-error-code": "BlobNotFound"}
 
     def add_completed_job(self, name: str, outputs=("model_output", "quantized_model_output")) -> None:
-        """A fine-tuning job that ended Completed, with its MLflow model outputs (EXAMPLES/2024-01-01-preview/
+        """A fine-tuning job that ended Completed, with its MLflow model outputs (EXAMPLES 2024-01-01-preview/
         examples/Job/CommandJob/get.json, this workspace's values)."""
         self.resources[f"{self.scope}/jobs/{name}".lower()] = {
             "id": f"{self.scope}/jobs/{name}", "name": name, "type": f"{PROVIDER}/workspaces/jobs",
@@ -422,8 +429,8 @@ class AzureMLStandIn(Recording):
                 "services": {"Studio": {"jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}"}}}}
 
     def add_endpoint(self, name: str, deployments: dict[str, str]) -> None:
-        """An endpoint that exists, with deployments in the given provisioning states (EXAMPLES/2022-02-01-preview/
-        examples/OnlineEndpoint/get.json, EXAMPLES/2023-04-01-preview/examples/OnlineDeployment/ManagedOnlineDeployment/
+        """An endpoint that exists, with deployments in the given provisioning states (EXAMPLES 2022-02-01-preview/
+        examples/OnlineEndpoint/get.json, EXAMPLES 2023-04-01-preview/examples/OnlineDeployment/ManagedOnlineDeployment/
         get.json, this workspace's values)."""
         endpoint = f"{self.scope}/onlineEndpoints/{name}"
         self.resources[endpoint.lower()] = {

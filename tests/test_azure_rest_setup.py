@@ -211,7 +211,7 @@ def test_a_quota_list_worded_as_microsofts_example_does_not_stop_the_run(azure, 
 
 
 def existing_cluster(azure) -> dict:
-    """EXAMPLES/2023-08-01-preview/examples/Compute/get/AmlCompute.json, this workspace's A100 cluster at 0 nodes."""
+    """EXAMPLES 2023-08-01-preview/examples/Compute/get/AmlCompute.json, this workspace's A100 cluster at 0 nodes."""
     return {"id": azure.scope + "/computes/gpu-nc24s-a100-v4", "name": "gpu-nc24s-a100-v4",
             "type": "Microsoft.MachineLearningServices/workspaces/computes", "location": LOCATION,
             "properties": {"computeType": "AmlCompute", "provisioningState": "Succeeded", "computeLocation": LOCATION,
