@@ -1,4 +1,4 @@
-"""Connect setup_ml.py and deploy_model.py to the Azure ML workspace named in config.py.
+"""Connect setup_ml.py and deploy_model.py to the Azure ML workspace named in config.py, and wait on it.
 
 As in the tutorial, the credential is the Azure CLI's login (`az login`). Unlike the tutorial,
 unfilled settings and a missing login each stop the script with one line before any Azure call.
@@ -7,8 +7,9 @@ unfilled settings and a missing login each stop the script with one line before 
 import sys
 
 from azure.ai.ml import MLClient
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.identity import AzureCliCredential, CredentialUnavailableError
+from tqdm import tqdm
 
 import config
 
@@ -41,3 +42,22 @@ def get_ml_client(*needed_settings: str) -> MLClient:
     return MLClient(
         credential, config.AZURE_SUBSCRIPTION_ID, config.AZURE_RESOURCE_GROUP_NAME, config.AZURE_ML_WORKSPACE_NAME
     )
+
+
+def wait(poller, what: str, poll_s: float = 10):
+    """Wait for a long-running Azure operation (create, update, delete) behind a progress bar of its time.
+
+    Ctrl-C stops only the waiting: the operation goes on in Azure.
+    """
+    with tqdm(desc=what, bar_format="{desc}: {elapsed} elapsed", file=sys.stdout, mininterval=poll_s) as bar:
+        while not poller.done():
+            poller.wait(timeout=poll_s)
+            bar.update()
+    return poller.result()
+
+
+def azure_reason(error: HttpResponseError) -> str:
+    """Azure's error code and the first line of its message."""
+    code = getattr(getattr(error, "error", None), "code", None)
+    lines = (getattr(getattr(error, "error", None), "message", None) or str(error)).strip().splitlines()
+    return ": ".join(part for part in (code, lines[0] if lines else type(error).__name__) if part)

@@ -19,8 +19,9 @@ HOURLY_USD = {
     "Standard_DS1_v2": 0.07,  # the rehearsal's deployment
 }
 
-# The workspace's container registry, created by the first environment build (Basic tier).
-REGISTRY_BASIC_USD_PER_DAY = 0.167
+# The workspace's container registry, a day: the first environment build creates a Basic one; a workspace
+# made from Azure's quickstart template (machine-learning-workspace) has a Standard one (docs/azure-runtime.md).
+REGISTRY_USD_PER_DAY = {"Basic": 0.167, "Standard": 0.667}
 
 
 def hourly(size: str) -> float | None:

@@ -387,10 +387,15 @@ def chat_prompt_template(tokenizer) -> str:
     return rendered.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
 
 
+# Azure's generated scoring script for MLflow models imports azureml.ai.monitoring (docs/azure-runtime.md).
+AZURE_SCORING_REQUIREMENTS = ["azureml-ai-monitoring==1.0.0"]
+
+
 def serving_requirements() -> list[str]:
-    """Pinned packages the deployed model needs, as installed here (MLflow's guess asks for torchvision)."""
+    """Pinned packages the deployed model needs, as installed here (MLflow's guess asks for torchvision), and
+    those Azure's own scoring script imports."""
     packages = ["mlflow", "transformers", "torch", "accelerate", "tokenizers", "safetensors"]
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages] + AZURE_SCORING_REQUIREMENTS
 
 
 def save_mlflow_model(model, tokenizer, output_dir):

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 from serving import REQUEST_TIMEOUT_MS
 
 PROBE_PERIOD_S = 10
+# What Azure's generated scoring script for MLflow models (the transformers form's, deployed without code)
+# imports beyond the model's own packages, import: requirement. azureml.ai.monitoring, unconditionally since
+# May 2026 (Azure/azureml-examples PRs #3904, #3923, #4008, #4022, #4031); the model's requirements carry it
+# (finetuning_dir/fine_tune.py), or the deployment fails at boot.
+AZURE_MLFLOW_SCORING_IMPORTS = {"azureml.ai.monitoring": "azureml-ai-monitoring"}
 
 
 @dataclass(frozen=True)
