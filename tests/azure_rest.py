@@ -17,25 +17,27 @@ Bodies follow Microsoft's published examples in Azure/azure-rest-api-specs,
 specification/machinelearningservices/resource-manager/Microsoft.MachineLearningServices/preview/
 (named "EXAMPLES <api-version>/examples/..." at each route below: the version the SDK sends where
 that folder has the example, else the nearest that has it), with this workspace's names and values
-in place of the examples' placeholders ("string"), and the fields Azure fills in that the SDK reads. Long-running operations answer as ARM does:
-201 (or 202 for a delete) with Azure-AsyncOperation (and x-ms-async-operation-timeout), then the
-operation's status (Azure/azure-resource-manager-rpc, v1.0/async-api-reference.md): InProgress,
-Succeeded, or Failed with its error; the resource then carries the end state.
+in place of the examples' placeholders ("string"), plus the fields Azure fills in that the SDK
+reads. Long-running operations answer as ARM does: 201 (202 for a delete) with Azure-AsyncOperation
+and x-ms-async-operation-timeout, then the operation's status (Azure/azure-resource-manager-rpc,
+v1.0/async-api-reference.md): InProgress, then Succeeded, or Failed with its error; the resource then
+carries that end state.
 
 The stand-in answers at once where Azure takes minutes; what it is told (`job_statuses`,
-`deployment_outcome`, ...) says how each run ends. Everything it got is in `requests`.
+`operation_states`, `forbidden`, ...) says how each run ends. Everything it got is in `requests`.
 """
 
 import json
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-from evaluation_fixtures import Recording
+from evaluation_fixtures import Recording, StaticCredential, make_certificate, resolve_to_stand_in
 
 TOKEN = "stand-in-arm-token"
 ACCOUNT_KEY = "c3RhbmQtaW4tYWNjb3VudC1rZXk="  # the storage account's key, base64 as Azure's (listSecrets)
@@ -128,7 +130,7 @@ class AzureMLStandIn(Recording):
         self.token = token
         self.scope = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/{PROVIDER}/workspaces/{WORKSPACE}"
         self.resources: dict[str, dict] = {}  # ARM id (lower case) -> the resource as GET answers it
-        self.operations: dict[str, dict] = {}  # operation id -> {"states": [...], "resource": id, "error": ...}
+        self.operations: dict[str, dict] = {}  # operation id -> {"states": [...], "resource": id, "kind": ...}
         self.blobs: dict[str, bytes | str] = {}  # path -> content, and its metadata (x-ms-meta-* headers)
         self.metadata: dict[str, dict] = {}
         self.sizes, self.usages = [dict(s, **SIZE_FIELDS) for s in SIZES], list(USAGES)
@@ -170,10 +172,10 @@ class AzureMLStandIn(Recording):
         if host == self.REGION:
             return self.region(request, url.path)
         if host == self.ARM:
-            return self.resource_manager(request, url.path, parse_qs(url.query))
+            return self.resource_manager(request, url.path)
         return not_found(host + url.path)
 
-    def resource_manager(self, request, path, query):
+    def resource_manager(self, request, path):
         method, body = request["method"], request["body"]
         regional = f"/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{LOCATION}"
         if path == f"{regional}/vmSizes":  # EXAMPLES 2023-08-01-preview/examples/VirtualMachineSize/list.json
@@ -214,8 +216,8 @@ class AzureMLStandIn(Recording):
                 "credential": {"credentialType": "SAS", "sasUri": container + "?sv=2025-01-05&sig=stand-in-sas"}},
                 "pendingUploadId": str(uuid.uuid4()), "pendingUploadType": "TemporaryBlobReference"}, {}
         match = re.fullmatch(r"/(environments|codes|models)/([^/]+)/versions", route)
-        if match and method == "GET":  # EXAMPLES 2023-08-01-preview/examples/Workspace/{Environment,Code,Model}Version/list.json
-            return self.versions(route)
+        if match and method == "GET":  # EXAMPLES 2023-08-01-preview/examples/Workspace/{Environment,Code,
+            return self.listing(route)  # Model}Version/list.json
         match = re.fullmatch(r"/onlineEndpoints/([^/]+)/deployments", route)
         if match and method == "GET":  # EXAMPLES 2022-02-01-preview/examples/OnlineDeployment/list.json
             return self.listing(route)
@@ -261,9 +263,6 @@ class AzureMLStandIn(Recording):
         found = [r for key, r in self.resources.items() if key.startswith(prefix) and "/" not in key[len(prefix):]]
         return 200, {"value": found}, {}
 
-    def versions(self, route):
-        return self.listing(route)
-
     def put(self, path, route, body):
         kind = route.split("/")[1]
         resource = {**(body or {}), "id": path, "name": path.rsplit("/", 1)[1], "type": arm_type(route),
@@ -273,15 +272,16 @@ class AzureMLStandIn(Recording):
             name = resource["name"]
             properties.update(status="Starting", services={"Studio": {
                 "jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}?wsid={self.scope}"},
-                "Tracking": {"jobServiceType": "Tracking", "endpoint": f"azureml://{self.REGION}/mlflow/v1.0{self.scope}"}})
+                "Tracking": {"jobServiceType": "Tracking",
+                             "endpoint": f"azureml://{self.REGION}/mlflow/v1.0{self.scope}"}})
             self.resources[path.lower()] = resource
             return 201, resource, {}
         if kind in ("environments", "codes", "models"):  # EXAMPLES 2023-08-01-preview/examples/Workspace/
             # {Environment,Code,Model}Version/createOrUpdate.json
             properties.setdefault("provisioningState", "Succeeded")
             if kind == "models" and properties.get("modelType") == "mlflow_model":
-                # Azure reads the MLflow model's flavors from its MLmodel file (ModelVersion/createOrUpdate.json's "flavors")
-                properties.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.pyfunc.model"}}})
+                # Azure reads an MLflow model's flavors from its MLmodel file (ModelVersion/createOrUpdate.json)
+                properties.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.pyfunc"}}})
             self.resources[path.lower()] = resource
             return 200, resource, {}
         if kind == "onlineEndpoints" and route.count("/") == 2:
@@ -294,8 +294,9 @@ class AzureMLStandIn(Recording):
                               swaggerUri=f"https://{name}.{LOCATION}.inference.ml.azure.com/swagger.json")
             return self.start_operation(path, resource, "onlineEndpoints", "mfe")
         if kind == "onlineEndpoints":  # a deployment: EXAMPLES 2023-04-01-preview/examples/OnlineDeployment/
+            # ManagedOnlineDeployment/createOrUpdate.json
             properties.setdefault("scaleSettings", {"scaleType": "Default"})  # what Azure fills in
-            return self.start_operation(path, resource, "deployments", "mfe")  # ManagedOnlineDeployment/createOrUpdate.json
+            return self.start_operation(path, resource, "deployments", "mfe")
         if kind == "computes":  # EXAMPLES 2023-08-01-preview/examples/Compute/createOrUpdate/BasicAmlCompute.json
             return self.start_operation(path, resource, "computes", "compute")
         return not_found(path)
@@ -314,8 +315,8 @@ class AzureMLStandIn(Recording):
 
     def async_headers(self, operation, service):
         regional = f"https://{self.ARM}/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{LOCATION}"
-        return {"Azure-AsyncOperation": f"{regional}/{service}OperationsStatus/{operation}?api-version=2023-04-01-preview",
-                "x-ms-async-operation-timeout": "PT1H"}
+        return {"Azure-AsyncOperation": f"{regional}/{service}OperationsStatus/{operation}"
+                                        "?api-version=2023-04-01-preview", "x-ms-async-operation-timeout": "PT1H"}
 
     def operation_status(self, operation):
         """The async operation's status (ARM RPC's async-api-reference): InProgress until its last state."""
@@ -380,7 +381,8 @@ class AzureMLStandIn(Recording):
         job = self.resources.get(f"{self.scope}/jobs/{name}".lower())
         if job is not None:
             job["properties"]["status"] = status
-        log = f"https://{self.STORAGE}/{self.CONTAINER}/ExperimentRun/dcid.{name}/user_logs/std_log.txt?sv=2025-01-05&sig=stand-in-sas"
+        log = (f"https://{self.STORAGE}/{self.CONTAINER}/ExperimentRun/dcid.{name}/user_logs/std_log.txt"
+               "?sv=2025-01-05&sig=stand-in-sas")
         details = {"runId": name, "runUuid": "00000000-aaaa-bbbb-cccc-000000000002", "status": status,
                    "target": "gpu-nc24s-a100-v4", "startTimeUtc": "2026-12-06T21:00:00.000Z",
                    "logFiles": {"user_logs/std_log.txt": log} if status != "Queued" else {}, "warnings": None}
@@ -401,16 +403,13 @@ class AzureMLStandIn(Recording):
         blob = {"ETag": '"0x8DD000000000001"', "Last-Modified": "Sun, 06 Dec 2026 21:00:00 GMT",
                 "x-ms-version": "2025-01-05"}
         if request["method"] == "PUT" and "comp=metadata" in url.query:  # Set Blob Metadata: 200
-            self.metadata[path] = {k.lower(): v for k, v in request["headers"].items() if k.lower().startswith("x-ms-meta-")}
+            self.metadata[path] = {k: v for k, v in request["headers"].items() if k.lower().startswith("x-ms-meta-")}
             return 200, None, {**blob, "x-ms-request-server-encrypted": "true"}
         if request["method"] == "PUT":  # Put Blob: 201
             self.blobs[path] = request["body"]
             return 201, None, {**blob, "x-ms-request-server-encrypted": "true"}
         if request["method"] in ("GET", "HEAD") and path in self.blobs:  # Get Blob (Properties)
             return 200, None, {**blob, "x-ms-blob-type": "BlockBlob", **self.metadata.get(path, {})}
-        if request["method"] == "GET" and "comp=list" in url.query:  # List Blobs, as XML
-            return 200, Text(list_blobs_xml(self.STORAGE, path, parse_qs(url.query).get("prefix", [""])[0],
-                                            self.blobs)), {"Content-Type": "application/xml"}
         return 404, None, {"x-ms-error-code": "BlobNotFound"}
 
     def add_completed_job(self, name: str, outputs=("model_output", "quantized_model_output")) -> None:
@@ -424,7 +423,8 @@ class AzureMLStandIn(Recording):
                 "computeId": f"{self.scope}/computes/gpu-nc24s-a100-v4",
                 "environmentId": f"{self.scope}/environments/phi-3-training-environment/versions/1",
                 "outputs": {output: {"jobOutputType": "mlflow_model", "mode": "ReadWriteMount",
-                                     "uri": f"azureml://datastores/workspaceblobstore/ExperimentRun/dcid.{name}/{output}"}
+                                     "uri": f"azureml://datastores/workspaceblobstore/ExperimentRun/dcid.{name}/"
+                                            f"{output}"}
                             for output in outputs},
                 "services": {"Studio": {"jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}"}}}}
 
@@ -496,15 +496,6 @@ def raw_and_delete(base, recording):
     return Handler
 
 
-def list_blobs_xml(host, container_path, prefix, blobs) -> str:
-    """Blob storage's List Blobs answer (EnumerationResults) for the blobs under `prefix`."""
-    container = container_path.strip("/").split("/")[0]
-    names = [p.split("/", 2)[2] for p in blobs if p.startswith(f"/{container}/") and p.split("/", 2)[2].startswith(prefix)]
-    items = "".join(f"<Blob><Name>{n}</Name><Properties><BlobType>BlockBlob</BlobType></Properties></Blob>" for n in names)
-    return (f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ServiceEndpoint="https://{host}/" '
-            f'ContainerName="{container}"><Prefix>{prefix}</Prefix><Blobs>{items}</Blobs><NextMarker /></EnumerationResults>')
-
-
 def arm_type(route: str) -> str:
     kinds = [part for i, part in enumerate(route.strip("/").split("/")) if i % 2 == 0]
     return "/".join([f"{PROVIDER}/workspaces", *kinds])
@@ -512,6 +503,33 @@ def arm_type(route: str) -> str:
 
 def not_found(what: str):
     return 404, {"error": {"code": "ResourceNotFound", "message": f"The resource '{what}' was not found."}}, {}
+
+
+def reach_stand_in(monkeypatch, folder: Path, script) -> AzureMLStandIn:
+    """A stand-in that `script`'s real MLClient reaches as it would Azure: the hosts resolve to it, its certificate
+    (made in `folder`) is trusted, the workspace settings name it. Stop it with close() after wait_for_pollers()."""
+    import config
+
+    certificate = make_certificate(folder, AzureMLStandIn.HOSTS)
+    stand_in = AzureMLStandIn(certificate)
+    resolve_to_stand_in(monkeypatch, AzureMLStandIn.HOSTS, stand_in.port)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # requests', under azure-core and azure-ai-ml
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    for name, value in (("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION), ("AZURE_RESOURCE_GROUP_NAME", GROUP),
+                        ("AZURE_ML_WORKSPACE_NAME", WORKSPACE)):
+        monkeypatch.setattr(config, name, value)
+    monkeypatch.setattr(config, "ENV_FILE", folder / ".env")
+    # The one thing not Azure's: the Azure CLI login gives way to a static token (what `az login` would give),
+    # in the module that builds the MLClient.
+    client_module = sys.modules[script.get_ml_client.__module__]
+    monkeypatch.setattr(client_module, "AzureCliCredential", lambda: StaticCredential(TOKEN))
+    # azure-ai-ml waits 2 to 60 s between the run history's answers, read from AZUREML_RUN_POLLING_INTERVAL_MIN
+    # and _MAX when it is imported (already done here): the same setting, 0, on the class they fill.
+    from azure.ai.ml.operations._run_history_constants import RunHistoryConstants
+
+    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
+    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MAX", 0)
+    return stand_in
 
 
 def wait_for_pollers(timeout: float = 10.0) -> None:

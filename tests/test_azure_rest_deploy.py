@@ -3,38 +3,29 @@ stands in for it: the endpoint and deployment created, failed, interrupted, a na
 
 import pytest
 
-from azure_rest import GROUP, LOCATION, SUBSCRIPTION, TOKEN, WORKSPACE, AzureMLStandIn, wait_for_pollers
+from azure_rest import GROUP, LOCATION, SUBSCRIPTION, reach_stand_in, usage, wait_for_pollers
 from conftest import run_main
-from evaluation_fixtures import StaticCredential, make_certificate, resolve_to_stand_in
-from test_azure_rest_setup import use_static_token
 
 import config  # noqa: I001  (the same module object the scripts hold)
 import deploy_model
 
 JOB = "olive_plum_0123456789"
 ENDPOINT, DEPLOYMENT, MODEL = "finetune-phi-endpoint", "finetune-phi-deployment", "finetune-phi-model"
-IDENTITY = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/finetunephi-uai"
+IDENTITY = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.ManagedIdentity/"
+            "userAssignedIdentities/finetunephi-uai")
 
 
 @pytest.fixture
 def azure(tmp_path, monkeypatch):
-    """The stand-in with a Completed fine-tuning job, reached by the real MLClient; the deploy settings filled in."""
-    certificate = make_certificate(tmp_path, AzureMLStandIn.HOSTS)
-    stand_in = AzureMLStandIn(certificate)
+    """The stand-in with a Completed fine-tuning job, reached by deploy_model.py's real MLClient; its settings."""
+    stand_in = reach_stand_in(monkeypatch, tmp_path, deploy_model)
     stand_in.add_completed_job(JOB)
-    resolve_to_stand_in(monkeypatch, AzureMLStandIn.HOSTS, stand_in.port)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
-    for name, value in (("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION), ("AZURE_RESOURCE_GROUP_NAME", GROUP),
-                        ("AZURE_ML_WORKSPACE_NAME", WORKSPACE), ("AZURE_ML_JOB_NAME", JOB),
-                        ("AZURE_MANAGED_IDENTITY_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
-                        ("AZURE_MANAGED_IDENTITY_RESOURCE_ID", IDENTITY), ("AZURE_MODEL_NAME", MODEL),
-                        ("AZURE_ENDPOINT_NAME", ENDPOINT), ("AZURE_DEPLOYMENT_NAME", DEPLOYMENT)):
+    for name, value in (("AZURE_ML_JOB_NAME", JOB), ("AZURE_MODEL_NAME", MODEL), ("AZURE_ENDPOINT_NAME", ENDPOINT),
+                        ("AZURE_DEPLOYMENT_NAME", DEPLOYMENT), ("AZURE_MANAGED_IDENTITY_RESOURCE_ID", IDENTITY),
+                        ("AZURE_MANAGED_IDENTITY_CLIENT_ID", "11111111-2222-3333-4444-555555555555")):
         monkeypatch.setattr(config, name, value)
-    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
-    for name in ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY"):
-        monkeypatch.delenv(name, raising=False)  # save_settings() exports them; undone afterwards
-    use_static_token(monkeypatch, deploy_model)
+    for name in ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY"):  # save_settings() sets them (run_main undoes what it
+        monkeypatch.setattr(config, name, getattr(config, name))  # exports to the environment)
     yield stand_in
     wait_for_pollers()
     stand_in.close()
@@ -78,7 +69,7 @@ def test_an_endpoint_and_its_deployment_are_created_and_serve(azure, tmp_path):
 
 
 def test_a_failed_deployment_shows_azures_error_its_logs_and_what_still_bills(azure, tmp_path):
-    azure.operation_states["deployments"] = ["InProgress", "Failed"]
+    azure.operation_states["deployments"] = ["Failed"]
     result = run_main(deploy_model.main, [], tmp_path)
 
     assert result.returncode != 0
@@ -131,8 +122,6 @@ def test_a_failed_deployment_is_deleted_before_it_is_created_again(azure, tmp_pa
 
 
 def test_short_quota_for_the_deployment_stops_before_anything_is_registered(azure, tmp_path):
-    from azure_rest import usage
-
     azure.usages = [usage("standardESv3Family", used=30, limit=32)]
     result = run_main(deploy_model.main, [], tmp_path)
 

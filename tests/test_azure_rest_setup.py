@@ -1,13 +1,10 @@
 """setup_ml.py through the real, unpatched azure-ai-ml MLClient, against Azure's REST API as tests/azure_rest.py
 stands in for it: the pre-flight's lists, the cluster created, the job submitted and streamed to each end."""
 
-import sys
-
 import pytest
 
-from azure_rest import GROUP, LOCATION, SUBSCRIPTION, TOKEN, WORKSPACE, AzureMLStandIn, usage, wait_for_pollers
+from azure_rest import LOCATION, SUBSCRIPTION, AzureMLStandIn, reach_stand_in, usage, wait_for_pollers
 from conftest import run_main
-from evaluation_fixtures import StaticCredential, make_certificate, resolve_to_stand_in
 
 import config  # noqa: I001  (the same module object the scripts hold)
 import setup_ml
@@ -17,41 +14,15 @@ A100 = "Standard_NC24ads_A100_v4"
 
 @pytest.fixture
 def azure(tmp_path, monkeypatch, chat_files):
-    """The stand-in, reached by the real MLClient as Azure would be; filled-in settings; .env in tmp_path."""
-    certificate = make_certificate(tmp_path, AzureMLStandIn.HOSTS)
-    stand_in = AzureMLStandIn(certificate)
-    resolve_to_stand_in(monkeypatch, AzureMLStandIn.HOSTS, stand_in.port)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # requests' (azure-core's transport)
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
-    for name, value in (("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION), ("AZURE_RESOURCE_GROUP_NAME", GROUP),
-                        ("AZURE_ML_WORKSPACE_NAME", WORKSPACE)):
-        monkeypatch.setattr(config, name, value)
-    monkeypatch.setattr(config, "ENV_FILE", tmp_path / ".env")
+    """The stand-in, reached by setup_ml.py's real MLClient; the data files in place; .env in tmp_path."""
+    stand_in = reach_stand_in(monkeypatch, tmp_path, setup_ml)
     monkeypatch.setattr(config, "TRAIN_DATA_PATH", str(chat_files[0]))
     monkeypatch.setattr(config, "TEST_DATA_PATH", str(chat_files[1]))
-    for name in ("AZURE_ML_JOB_NAME", "AZURE_ML_REHEARSAL_JOB_NAME"):
-        monkeypatch.setattr(config, name, "")
-        monkeypatch.delenv(name, raising=False)  # save_settings() exports it; undone afterwards
-    use_static_token(monkeypatch)
-    fast_run_history_polls(monkeypatch)
+    for name in ("AZURE_ML_JOB_NAME", "AZURE_ML_REHEARSAL_JOB_NAME"):  # save_settings() sets them (run_main undoes
+        monkeypatch.setattr(config, name, "")  # what it exports to the environment)
     yield stand_in
     wait_for_pollers()
     stand_in.close()
-
-
-def use_static_token(monkeypatch, script=setup_ml):
-    """The one thing not Azure's: the Azure CLI login gives way to a static token (what `az login` would give)."""
-    client_module = sys.modules[script.get_ml_client.__module__]
-    monkeypatch.setattr(client_module, "AzureCliCredential", lambda: StaticCredential(TOKEN))
-
-
-def fast_run_history_polls(monkeypatch):
-    """azure-ai-ml polls the run history every 2 to 60 s, read once from AZUREML_RUN_POLLING_INTERVAL_MIN/MAX
-    when it is imported (already done here); the same setting, 0, made on the class those variables fill."""
-    from azure.ai.ml.operations._run_history_constants import RunHistoryConstants
-
-    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
-    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MAX", 0)
 
 
 def job_line(result) -> str:
@@ -94,8 +65,7 @@ def test_a_cluster_is_created_and_the_job_streamed_to_completed(azure, tmp_path)
     assert "python fine_tune.py" in job["command"] and "/codes/" in job["codeId"]
     # Streamed: the run history's log, then the end; the name is in .env for deploy_model.py.
     assert "Streaming user_logs/std_log.txt" in result.stdout and "Saved the model" in result.stdout
-    assert f"AZURE_ML_JOB_NAME={name}" in (tmp_path / ".env").read_text() or f"AZURE_ML_JOB_NAME='{name}'" in (
-        tmp_path / ".env").read_text()
+    assert f"AZURE_ML_JOB_NAME={name}\n" in (tmp_path / ".env").read_text()
 
 
 def test_a_failed_job_ends_with_azures_error_code_and_message(azure, tmp_path):
