@@ -141,6 +141,7 @@ class AzureMLStandIn(Recording):
         self.operation_states = {"computes": ["Succeeded"], "onlineEndpoints": ["Succeeded"],
                                  "deployments": ["Succeeded"]}  # each LRO's answers in turn, by kind
         self.taken_endpoint_names: set[str] = set()
+        self.cluster_nodes: dict[str, list[dict]] = {}  # a cluster's allocated nodes (none unless told)
         self.interrupt_at: tuple[str, int] | None = None  # (route kind, nth request): Ctrl-C then
         self.counts: dict[str, int] = {}
         super().__init__(self.answer, certificate)
@@ -198,6 +199,9 @@ class AzureMLStandIn(Recording):
             return self.datastores(route)
         if route == "/datastores/workspaceblobstore/listSecrets":  # EXAMPLES 2023-04-01-preview/examples/
             return 200, {"secretsType": "AccountKey", "key": ACCOUNT_KEY}, {}  # Datastore/listSecrets.json
+        match = re.fullmatch(r"/computes/([^/]+)/listNodes", route)
+        if match:  # EXAMPLES 2023-08-01-preview/examples/Compute/listNodes.json: the cluster's allocated nodes
+            return 200, {"nodes": self.cluster_nodes.get(match.group(1), []), "nextLink": None}, {}
         match = re.fullmatch(r"/jobs/([^/]+)/cancel", route)
         if match:
             return self.cancel_job(match.group(1))
