@@ -309,8 +309,6 @@ class AzureMLStandIn(Recording):
         """201 with the resource Creating (Updating when it exists) and Azure-AsyncOperation, as ARM answers."""
         existing = self.resources.get(path.lower())
         resource["properties"]["provisioningState"] = "Updating" if existing else "Creating"
-        if kind == "computes":
-            resource["properties"]["provisioningState"] = "Creating"
         self.resources[path.lower()] = resource
         operation = str(uuid.uuid4())
         self.operations[operation] = {"states": list(self.operation_states[kind]), "resource": path.lower(),
