@@ -430,6 +430,30 @@ class AzureMLStandIn(Recording):
                             for output in outputs},
                 "services": {"Studio": {"jobServiceType": "Studio", "endpoint": f"https://ml.azure.com/runs/{name}"}}}}
 
+    def add_cluster(self, name: str, size: str, nodes: int = 0, min_nodes: int = 0, max_nodes: int = 1) -> None:
+        """An AmlCompute cluster that exists, with `nodes` allocated (EXAMPLES 2023-08-01-preview/examples/Compute/
+        get/AmlCompute.json and Compute/listNodes.json, this workspace's values)."""
+        self.resources[f"{self.scope}/computes/{name}".lower()] = {
+            "id": f"{self.scope}/computes/{name}", "name": name, "location": LOCATION,
+            "type": f"{PROVIDER}/workspaces/computes",
+            "properties": {"computeType": "AmlCompute", "provisioningState": "Succeeded", "computeLocation": LOCATION,
+                           "properties": {"vmSize": size, "vmPriority": "Dedicated", "osType": "Linux",
+                                          "scaleSettings": {"maxNodeCount": max_nodes, "minNodeCount": min_nodes,
+                                                            "nodeIdleTimeBeforeScaleDown": "PT2M"},
+                                          "allocationState": "Steady", "currentNodeCount": nodes,
+                                          "targetNodeCount": nodes}}}
+        self.cluster_nodes[name] = [{"nodeId": f"tvm-3601533753_{i + 1}-20261206t210000z", "port": 50000 + i,
+                                     "privateIpAddress": "10.0.0.4", "nodeState": "running"} for i in range(nodes)]
+
+    def add_compute_instance(self, name: str, size: str, state: str) -> None:
+        """A compute instance in `state` (EXAMPLES 2023-08-01-preview/examples/Compute/get/ComputeInstance.json)."""
+        self.resources[f"{self.scope}/computes/{name}".lower()] = {
+            "id": f"{self.scope}/computes/{name}", "name": name, "location": LOCATION,
+            "type": f"{PROVIDER}/workspaces/computes",
+            "properties": {"computeType": "ComputeInstance", "provisioningState": "Succeeded",
+                           "properties": {"vmSize": size, "state": state, "applicationSharingPolicy": "Personal",
+                                          "computeInstanceAuthorizationType": "personal"}}}
+
     def add_endpoint(self, name: str, deployments: dict[str, str]) -> None:
         """An endpoint that exists, with deployments in the given provisioning states (EXAMPLES 2022-02-01-preview/
         examples/OnlineEndpoint/get.json, EXAMPLES 2023-04-01-preview/examples/OnlineDeployment/ManagedOnlineDeployment/

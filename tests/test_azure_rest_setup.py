@@ -173,7 +173,7 @@ def test_a_family_missing_from_the_quota_list_stops_before_anything_is_created(a
 
 def test_a_reused_clusters_quota_is_checked(azure, tmp_path):
     # The cluster exists, scaled to 0: its node takes 24 vCPUs again when the job starts, and others hold them.
-    azure.resources[(azure.scope + "/computes/gpu-nc24s-a100-v4").lower()] = existing_cluster(azure)
+    azure.add_cluster("gpu-nc24s-a100-v4", A100, nodes=0)
     azure.usages = [usage("standardNCADSA100v4Family", used=96, limit=96)]
     result = run_main(setup_ml.main, [], tmp_path)
 
@@ -194,14 +194,3 @@ def test_a_quota_list_worded_as_microsofts_example_does_not_stop_the_run(azure, 
 
     assert result.returncode == 0, result.stderr
     assert submitted_job(azure)
-
-
-def existing_cluster(azure) -> dict:
-    """EXAMPLES 2023-08-01-preview/examples/Compute/get/AmlCompute.json, this workspace's A100 cluster at 0 nodes."""
-    return {"id": azure.scope + "/computes/gpu-nc24s-a100-v4", "name": "gpu-nc24s-a100-v4",
-            "type": "Microsoft.MachineLearningServices/workspaces/computes", "location": LOCATION,
-            "properties": {"computeType": "AmlCompute", "provisioningState": "Succeeded", "computeLocation": LOCATION,
-                           "properties": {"vmSize": A100, "vmPriority": "Dedicated", "osType": "Linux",
-                                          "scaleSettings": {"maxNodeCount": 1, "minNodeCount": 0,
-                                                            "nodeIdleTimeBeforeScaleDown": "PT2M"},
-                                          "allocationState": "Steady", "currentNodeCount": 0, "targetNodeCount": 0}}}
