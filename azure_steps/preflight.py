@@ -81,8 +81,9 @@ def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def size_facts(ml_client, size: str, location: str, script: str) -> SizeFacts:
-    """Family, vCPUs and GPUs of `size` in `location`, from Azure's list; stops when the region does not offer it.
+def size_facts(ml_client, size: str, location: str, script: str, listed_or_stop=True) -> SizeFacts:
+    """Family, vCPUs and GPUs of `size` in `location`, from Azure's list of sizes for compute clusters; stops when
+    the region does not offer it (unless not `listed_or_stop`: managed endpoints keep a list of their own).
 
     A list that cannot be read leaves them all None (unknown), said in one line.
     """
@@ -95,6 +96,8 @@ def size_facts(ml_client, size: str, location: str, script: str) -> SizeFacts:
     for listed in sizes:
         if (listed.name or "").lower() == size.lower():
             return SizeFacts(listed.name, listed.family, field(listed, "v_cp_us", "vCPUs"), listed.gpus)
+    if not listed_or_stop:
+        return SizeFacts(size, None, None, None)
     sys.exit(f"{script}: {location} does not offer {size} (it is not in Azure's list of VM sizes there); "
              "check the size's name, or choose another size or region")
 
@@ -253,7 +256,7 @@ def plan_cluster(ml_client, compute_name, instance_type, requested_location, nod
 def check_deployment_quota(ml_client, deployment) -> None:
     """Stop with one line unless the deployment's VM family has the vCPUs it takes, with Azure's reserve."""
     location = workspace_location(ml_client, config.AZURE_ML_WORKSPACE_NAME)
-    facts = size_facts(ml_client, deployment.instance_type, location, "deploy_model.py")
+    facts = size_facts(ml_client, deployment.instance_type, location, "deploy_model.py", listed_or_stop=False)
     held = 0  # an update in place of a deployment of the same size needs no more than it holds
     try:
         existing = ml_client.online_deployments.get(deployment.name, deployment.endpoint_name)

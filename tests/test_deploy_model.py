@@ -533,3 +533,14 @@ def test_the_transformers_model_requires_what_azures_scoring_script_imports(fine
     assert FORMS["transformers"].batched is False  # served by Azure's script, not the project's
     for module, package in AZURE_MLFLOW_SCORING_IMPORTS.items():
         assert package in required, f"{module} is imported by Azure's scoring script; {package} is not required"
+
+
+@pytest.mark.parametrize("sizes", ["unlisted", "forbidden"])
+def test_a_deployment_size_the_cluster_list_lacks_leaves_its_quota_unchecked_and_goes_on(workspace, capsys, sizes):
+    # Managed endpoints keep a size list of their own: a size missing from the clusters' list is not proof.
+    if sizes == "forbidden":
+        workspace.compute.list_sizes.side_effect = HttpResponseError(message="(AuthorizationFailed) vmSizes/read")
+    deploy_model.main(["--instance-type", "Standard_F4s_v2"])
+    assert deployment_body(workspace)["properties"]["instanceType"] == "Standard_F4s_v2"
+    said = next(line for line in capsys.readouterr().out.splitlines() if "cannot be checked" in line)
+    assert "Standard_F4s_v2" in said and "going on" in said
