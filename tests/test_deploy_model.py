@@ -182,8 +182,8 @@ def test_deploy_registers_creates_deploys_routes_and_saves_keys(workspace, tmp_p
     assert f"AZURE_ML_ENDPOINT={SCORING_URI}\n" in env and "AZURE_ML_API_KEY=pk-123\n" in env
     out = capsys.readouterr().out
     assert "deployment: 00:00 elapsed" in out  # a bar of the time waited, not a line per poll
-    assert ("Quota: deployment finetune-phi-deployment (1 x Standard_E4s_v3 and Azure's 20% reserve) needs 8 "
-            "standardESv3Family vCPUs in eastus2; there is room.") in out
+    quota = next(line for line in out.splitlines() if line.startswith("Quota:"))
+    assert "needs 8 standardESv3Family vCPUs in eastus2" in quota  # 2 instances with the reserve, 4 vCPUs each
     done = out[out.index("Done."):]
     assert "US$0.25/h" in done and "US$6.00 a day" in done and "1 deployment(s)" in done
     assert "finetune-phi-deployment" in done and "python deploy_model.py --delete --yes" in done
@@ -404,10 +404,9 @@ def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_
     assert deployment_body(workspace)["properties"]["instanceType"] == "Standard_DS2_v2"
     workspace.online_endpoints.begin_delete.assert_called_once()  # not again
     out = capsys.readouterr().out
-    assert ("--keep: endpoint finetune-phi-endpoint-rehearsal stays up.\nStill in the workspace, billing until "
-            "deleted:\n  endpoint finetune-phi-endpoint-rehearsal, deployment rehearsal, Succeeded: US$0.15/h "
-            "(1 x Standard_DS2_v2, East US list price 2026-11)\n"
-            "Remove it: python deploy_model.py --rehearsal --delete --yes\n") in out
+    still = out[out.index("--keep: endpoint finetune-phi-endpoint-rehearsal stays up"):]
+    assert "deployment rehearsal" in still and "US$0.15/h" in still
+    assert "python deploy_model.py --rehearsal --delete --yes" in still
 
     deploy_model.main(["--rehearsal", "--delete", "--yes"])
     assert workspace.online_endpoints.begin_delete.call_count == 2 and workspace.live.endpoint is None
@@ -519,9 +518,10 @@ def test_a_rehearsal_whose_question_fails_keeps_its_endpoint_and_says_what_it_co
         deploy_model.main(["--rehearsal"])
     assert str(stop.value) == "local pipeline: the flow failed: HTTP 424 from the endpoint"
     workspace.online_endpoints.begin_delete.assert_not_called()  # kept, to read its logs
-    assert ("Still in the workspace, billing until deleted:\n  endpoint finetune-phi-endpoint-rehearsal, deployment "
-            "rehearsal, Succeeded: US$0.07/h (1 x Standard_DS1_v2, East US list price 2026-11)\n"
-            "Remove it: python deploy_model.py --rehearsal --delete --yes") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    still = out[out.index("Still in the workspace"):]
+    assert "endpoint finetune-phi-endpoint-rehearsal, deployment rehearsal" in still and "US$0.07/h" in still
+    assert "python deploy_model.py --rehearsal --delete --yes" in still
 
 
 def test_the_transformers_model_requires_what_azures_scoring_script_imports(fine_tuned_model):
