@@ -150,7 +150,8 @@ class AzureMLStandIn(Recording):
 
     # ---- what the learner does at the keyboard -------------------------------------------------------
     def ctrl_c_at(self, kind: str, nth: int = 1) -> None:
-        """Press Ctrl-C while the script waits on the nth request of this kind ("run details", "operation")."""
+        """Press Ctrl-C while the script waits on the nth request of this kind: "run details", or the status of a
+        long-running operation on "computes", "onlineEndpoints" or "deployments" (e.g. "deployments status")."""
         self.interrupt_at = (kind, nth)
 
     def count(self, kind: str) -> None:
@@ -325,7 +326,7 @@ class AzureMLStandIn(Recording):
         entry = self.operations.get(operation)
         if entry is None:
             return not_found(operation)
-        self.count("operation")
+        self.count(f"{entry['kind']} status")
         state = entry["states"].pop(0) if len(entry["states"]) > 1 else entry["states"][0]
         status = {"id": f"/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{LOCATION}/"
                         f"OperationsStatus/{operation}", "name": operation, "status": state,

@@ -82,10 +82,10 @@ def test_a_failed_deployment_shows_azures_error_its_logs_and_what_still_bills(az
 
 
 def test_ctrl_c_while_the_deployment_is_created_says_what_bills_and_how_to_delete_it(azure, tmp_path):
-    # Ctrl-C arrives while the SDK's poller asks how the deployment's creation goes (the second operation: the
-    # endpoint's was the first): SIGINT to the main thread, waiting on the poller as deploy_model.py does.
+    # Ctrl-C arrives while the SDK's poller asks how the deployment's creation goes: SIGINT to the main thread,
+    # which waits on the poller as deploy_model.py does.
     azure.operation_states["deployments"] = ["InProgress", "Succeeded"]
-    azure.ctrl_c_at("operation", 2)
+    azure.ctrl_c_at("deployments status", 1)
     try:
         result = run_main(deploy_model.main, [], tmp_path)
     except KeyboardInterrupt:  # as the learner would see it: a traceback (and the run of the tests goes on)

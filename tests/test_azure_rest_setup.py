@@ -98,7 +98,7 @@ def test_ctrl_c_while_streaming_says_the_job_runs_on_and_how_to_cancel_it(azure,
     # as the terminal sends it), which azure-ai-ml turns into its JobException "...still executing...".
     azure.job_statuses = ["Running"]
     azure.ctrl_c_at("run details", 3)
-    result = run_main(setup_ml.main, [], tmp_path)
+    result = run_with_ctrl_c(tmp_path)
 
     name = job_name(azure)
     assert result.returncode == 130  # as a shell reports a command stopped by Ctrl-C
@@ -109,10 +109,17 @@ def test_ctrl_c_while_streaming_says_the_job_runs_on_and_how_to_cancel_it(azure,
     assert not [r for r in azure.requests if r["path"].split("?")[0].endswith("/cancel")]  # it runs on
 
 
+def run_with_ctrl_c(tmp_path):
+    try:
+        return run_main(setup_ml.main, [], tmp_path)
+    except KeyboardInterrupt:  # as the learner would see it: a traceback (and the run of the tests goes on)
+        pytest.fail("Ctrl-C while streaming ended setup_ml.py with a KeyboardInterrupt traceback")
+
+
 def test_the_cancel_command_it_gives_cancels_the_job(azure, tmp_path):
     azure.job_statuses = ["Running"]
     azure.ctrl_c_at("run details", 3)
-    run_main(setup_ml.main, [], tmp_path)
+    run_with_ctrl_c(tmp_path)
     name = job_name(azure)
 
     result = run_main(setup_ml.main, ["--cancel", name], tmp_path)
