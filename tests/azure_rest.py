@@ -338,7 +338,7 @@ class AzureMLStandIn(Recording):
                 self.resources.pop(entry["resource"], None)
             elif resource is not None:
                 resource["properties"]["provisioningState"] = state
-        if state == "Failed":
+        if state == "Failed":  # the tests fail deployments: their container's error
             status["error"] = DEPLOYMENT_ERROR
         # A poll that finds it still running says when to look again (ARM sends Retry-After with it).
         return 200, status, ({"Retry-After": "1"} if state == "InProgress" else {})
@@ -386,8 +386,9 @@ class AzureMLStandIn(Recording):
             job["properties"]["status"] = status
         log = (f"https://{self.STORAGE}/{self.CONTAINER}/ExperimentRun/dcid.{name}/user_logs/std_log.txt"
                "?sv=2025-01-05&sig=stand-in-sas")
+        target = (job or {}).get("properties", {}).get("computeId", "").rsplit("/", 1)[-1]
         details = {"runId": name, "runUuid": "00000000-aaaa-bbbb-cccc-000000000002", "status": status,
-                   "target": "gpu-nc24s-a100-v4", "startTimeUtc": "2026-12-06T21:00:00.000Z",
+                   "target": target, "startTimeUtc": "2026-12-06T21:00:00.000Z",
                    "logFiles": {"user_logs/std_log.txt": log} if status != "Queued" else {}, "warnings": None}
         if status == "Failed":
             details["error"] = self.job_error
