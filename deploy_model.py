@@ -36,7 +36,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 import config
 from azure_steps import rehearsal
 from azure_steps.billing import print_endpoint_bill, print_what_still_bills, told_what_bills_if_stopped
-from azure_steps.client import OPENMPI_IMAGE, azure_reason, get_ml_client, wait
+from azure_steps.client import OPENMPI_IMAGE, azure_reason, get_ml_client, state_text, wait
 from azure_steps.preflight import check_deployment_quota, check_endpoint_name
 from serving import REQUEST_TIMEOUT_MS
 from serving.forms import FORMS, PROBE_PERIOD_S, scoring_env
@@ -69,8 +69,8 @@ def check_job(ml_client, job_name, form):
         job = ml_client.jobs.get(job_name)
     except ResourceNotFoundError:
         sys.exit(f"deploy_model.py: no job named '{job_name}' in this workspace; check --job-name")
-    if job.status != "Completed":
-        sys.exit(f"deploy_model.py: job {job_name} is {job.status}, not Completed; wait for it (or fix and re-run "
+    if state_text(job.status) != "Completed":
+        sys.exit(f"deploy_model.py: job {job_name} is {state_text(job.status)}, not Completed; wait for it (or fix and re-run "
                  f"setup_ml.py); see {job.studio_url}")
     output = FORMS[form].job_output
     if output not in (job.outputs or {}):
@@ -159,7 +159,7 @@ def delete_if_failed(ml_client, deployment):
         existing = ml_client.online_deployments.get(deployment.name, deployment.endpoint_name)
     except ResourceNotFoundError:
         return
-    if (existing.provisioning_state or "").lower() == "failed":
+    if state_text(existing.provisioning_state).lower() == "failed":
         print(f"Deployment {deployment.name} is Failed from an earlier try; deleting it to create it anew...")
         wait(ml_client.online_deployments.begin_delete(deployment.name, deployment.endpoint_name), "delete")
 

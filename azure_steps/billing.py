@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from azure.core.exceptions import HttpResponseError
 
-from azure_steps.client import azure_reason, get_ml_client
+from azure_steps.client import azure_reason, get_ml_client, state_text
 from azure_steps.prices import PRICES_AS_OF, PRICE_REGION, REGISTRY_USD_PER_DAY, cost_per_hour, hourly
 
 # Azure ML's compute instance states (ComputeInstanceState in azure-ai-ml's REST models) in which no VM
@@ -29,7 +29,7 @@ def deployment_rows(ml_client, endpoint_name: str) -> list[tuple[str, float | No
     rows = []
     for deployment in ml_client.online_deployments.list(endpoint_name):
         count = deployment.instance_count or 0
-        state = f", {deployment.provisioning_state}" if deployment.provisioning_state else ""
+        state = f", {state_text(deployment.provisioning_state)}" if deployment.provisioning_state else ""
         rows.append((f"endpoint {endpoint_name}, deployment {deployment.name}{state}: "
                      f"{cost_per_hour(deployment.instance_type, count)}", rate(deployment.instance_type, count)))
     if not rows:
@@ -41,15 +41,15 @@ def cluster_rows(ml_client) -> list[tuple[str, float | None]]:
     """Clusters, with their nodes now and their minimum; running compute instances."""
     rows = []
     for compute in ml_client.compute.list():
-        kind = (compute.type or "").lower()
+        kind = state_text(compute.type).lower()
         if kind == "amlcompute":
             nodes = len(list(ml_client.compute.list_nodes(compute.name)))
             minimum = compute.min_instances or 0
             keeps = f"; min_instances={minimum} keeps them while idle" if minimum else ""
             rows.append((f"cluster {compute.name}: {nodes} node(s) now{keeps}: {cost_per_hour(compute.size, nodes)}",
                          rate(compute.size, nodes)))
-        elif kind == "computeinstance" and (compute.state or "").lower() not in INSTANCE_STATES_NOT_BILLED:
-            rows.append((f"compute instance {compute.name}, {compute.state or 'state unknown'}: "
+        elif kind == "computeinstance" and state_text(compute.state).lower() not in INSTANCE_STATES_NOT_BILLED:
+            rows.append((f"compute instance {compute.name}, {state_text(compute.state) or 'state unknown'}: "
                          f"{cost_per_hour(compute.size)}", rate(compute.size, 1)))
     return rows
 

@@ -56,6 +56,11 @@ def wait(poller, what: str, poll_s: float = 10):
     return poller.result()
 
 
+def state_text(state) -> str:
+    """A state as Azure writes it ("Canceled"): azure-ai-ml hands some as str enums, which format as their names."""
+    return str(getattr(state, "value", state) or "")
+
+
 def azure_reason(error: HttpResponseError) -> str:
     """Azure's error code and the first line of its message."""
     code = getattr(getattr(error, "error", None), "code", None)

@@ -12,6 +12,7 @@ import sys
 from azure.ai.ml.exceptions import JobException
 from azure.core.exceptions import ResourceNotFoundError
 
+from azure_steps.client import state_text
 from azure_steps.prices import cost_for, cost_per_hour
 
 # Why a job ends in each state other than Completed and Failed (Azure ML's job states).
@@ -35,8 +36,10 @@ def azure_error(error: JobException) -> str:
         return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     if isinstance(details, dict):
         details = details.get("error") or details
-        code, message = details.get("code"), details.get("message")
-        return ": ".join(part for part in (code, message) if part) or text
+        # Azure's message for a user error carries the traceback: its first and last lines say it in one.
+        lines = [line.strip() for line in (details.get("message") or "").splitlines() if line.strip()]
+        message = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "") if lines else None
+        return ": ".join(part for part in (details.get("code"), message) if part) or text
     return str(details)
 
 
@@ -53,7 +56,7 @@ def stream_to_the_end(ml_client, job, size: str, nodes: int, max_hours: float | 
                   f"{job.studio_url})", file=sys.stderr)
             sys.exit(130)
         sys.exit(f"setup_ml.py: job {job.name} failed: {azure_error(e)}; see its logs at {job.studio_url}")
-    status = ml_client.jobs.get(job.name).status
+    status = state_text(ml_client.jobs.get(job.name).status)
     if status != "Completed":
         why = ENDED_BECAUSE.get(status, "it did not complete")
         sys.exit(f"setup_ml.py: job {job.name} ended {status}, not Completed: {why}; see {job.studio_url}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 import config
+from azure_steps.client import state_text
 from azure_steps.prices import cost_per_hour
 
 QUOTA_PAGE = "https://ml.azure.com/quota"
@@ -261,7 +262,7 @@ def check_deployment_quota(ml_client, deployment) -> None:
     try:
         existing = ml_client.online_deployments.get(deployment.name, deployment.endpoint_name)
         same_size = (existing.instance_type or "").lower() == deployment.instance_type.lower()
-        if same_size and (existing.provisioning_state or "").lower() != "failed":  # a Failed one is deleted first
+        if same_size and state_text(existing.provisioning_state).lower() != "failed":  # a Failed one is deleted first
             held = deployment_vcpus(existing.instance_count or 0, facts)
     except ResourceNotFoundError:
         pass

@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 from azure.ai.ml import Output
+from azure.ai.ml._restclient.arm_ml_service.models import DeploymentProvisioningState
 from azure.ai.ml.entities import CommandJob, EndpointAuthKeys, ManagedOnlineDeployment, ManagedOnlineEndpoint, Workspace
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
@@ -61,7 +62,8 @@ class Live:
 
     def put_deployment(self, deployment):
         stored = copy.deepcopy(deployment)
-        stored._provisioning_state = "Failed" if self.deployment_error else "Succeeded"
+        # A str enum, as a deployment the service returns has it.
+        stored._provisioning_state = DeploymentProvisioningState("Failed" if self.deployment_error else "Succeeded")
         self.deployments[deployment.name] = stored
         return poller(error=self.deployment_error) if self.deployment_error else poller(deployment, polls_before_done=3)
 

@@ -307,6 +307,18 @@ def test_a_failed_job_ends_with_azures_error_code_and_message(workspace, tmp_pat
     assert "AZURE_ML_JOB_NAME=shy_lamp_42" in (tmp_path / ".env").read_text()
 
 
+def test_a_failed_jobs_traceback_is_told_by_its_first_and_last_lines(workspace):
+    message = ("Execution failed. User process 'python' exited with status code 1.\nError: Traceback (most recent "
+               "call last):\n  File \"fine_tune.py\", line 9, in <module>\ntorch.OutOfMemoryError: CUDA out of memory")
+    error = {"error": {"code": "UserError", "message": message}}
+    workspace.jobs.stream.side_effect = sdk_job_exception("Exception : \n {} ".format(json.dumps(error, indent=4)))
+    with pytest.raises(SystemExit) as stop:
+        setup_ml.main([])
+    told = str(stop.value)
+    assert "exited with status code 1" in told and "torch.OutOfMemoryError: CUDA out of memory" in told
+    assert "\n" not in told
+
+
 def test_ctrl_c_while_streaming_says_the_job_still_bills_and_how_to_cancel_it(workspace, capsys):
     workspace.jobs.stream.side_effect = sdk_job_exception(
         "The output streaming for the run interrupted.\nBut the run is still executing on the compute target. \n"
@@ -323,8 +335,10 @@ def test_ctrl_c_while_streaming_says_the_job_still_bills_and_how_to_cancel_it(wo
 
 @pytest.mark.parametrize("status, why", [("Canceled", "time limit"), ("NotResponding", "lost contact")])
 def test_a_job_that_ends_other_than_completed_exits_non_zero_in_one_line(workspace, status, why):
+    from azure.ai.ml._restclient.arm_ml_service.models import JobStatus
+
     workspace.jobs.get.side_effect = lambda name: _named(setup_ml.create_fine_tuning_job(
-        Environment(name="e", version="1"), "c"), name, status)
+        Environment(name="e", version="1"), "c"), name, JobStatus(status))  # a str enum, as the service's job has
     with pytest.raises(SystemExit) as stop:
         setup_ml.main([])
     message = str(stop.value)
