@@ -338,7 +338,7 @@ def deploy(job_name, form, rehearsal=False, instance_type=None, keep=False):
 def ask_the_rehearsal(ml_client, endpoint_name, keep=False):
     """One question through the Prompt flow to the rehearsal endpoint (.env untouched); then its endpoint is
     deleted, unless `keep`."""
-    from local.ask_flow import ask_the_flow
+    from chat.ask_flow import ask_the_flow
 
     settings = {
         "AZURE_ML_ENDPOINT": ml_client.online_endpoints.get(name=endpoint_name).scoring_uri,

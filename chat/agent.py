@@ -3,7 +3,7 @@
 Microsoft's migration guide from Prompt flow maps a flow's Python node to Python logic the framework
 runs, its inputs and outputs to typed messages, and its connection to settings read from the
 environment. The flow here is one node that sends the question and the earlier turns to the endpoint,
-so it becomes a chat client (the node's logic: chat/endpoint.py, shared with the flow) under an
+so it becomes a chat client (the node's logic: chat/endpoint_client.py, shared with the flow) under an
 Agent, whose session is the chat history that Prompt flow's chat_history input carried. An agent
 rather than a workflow: a workflow's executors would have to carry the history by hand, while an
 agent keeps it in the framework's own conversation state, which DevUI and its OpenAI-compatible API
@@ -20,7 +20,7 @@ from agent_framework import (
 )
 from agent_framework.observability import ChatTelemetryLayer
 
-from chat import endpoint
+from chat import endpoint_client
 
 AGENT_NAME = "finetuned-phi"
 
@@ -35,7 +35,7 @@ def turns_and_question(messages: Sequence[Message]) -> tuple[list[tuple[str, str
             turns.append((question, message.text))
             question = None
     if question is None:
-        raise endpoint.EndpointError("The question is empty: type a question for the model")
+        raise endpoint_client.EndpointError("The question is empty: type a question for the model")
     return turns, question
 
 
@@ -49,7 +49,7 @@ class EndpointChatClient(BaseChatClient):
     async def answer(self, messages: Sequence[Message]) -> str:
         turns, question = turns_and_question(messages)
         # requests blocks: in a thread, so that the server keeps answering other chats meanwhile
-        return await asyncio.to_thread(endpoint.ask, question, turns)
+        return await asyncio.to_thread(endpoint_client.ask, question, turns)
 
     def _inner_get_response(self, *, messages: Sequence[Message], stream: bool = False,
                             options: Mapping[str, Any], **kwargs: Any):

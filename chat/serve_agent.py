@@ -8,7 +8,7 @@ http://localhost:8090/ and an OpenAI-compatible Responses API at http://localhos
     .venv-agent/bin/python -m chat.serve_agent                 # the chat page: http://localhost:8090/
     .venv-agent/bin/python -m chat.serve_agent --port 8091 --auth-token "$(openssl rand -hex 16)"
 
-It runs in its own environment, .venv-agent (`make setup` builds it from requirements-agent.txt):
+It runs in its own environment, .venv-agent (`make setup` builds it from chat/requirements-agent.txt):
 Agent Framework needs OpenTelemetry 1.39 or newer, which promptflow's tracing refuses. Stop it with Ctrl-C.
 """
 

@@ -22,11 +22,11 @@ import psutil
 import pytest
 import requests
 
-from chat.endpoint import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
+from chat.endpoint_client import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
 from finetuning_dir.chat_data import PREDICT_PARAMS
 from local import pf_home
-from local.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
+from chat.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
 from serving import processes
 from serving.processes import free_port  # noqa: F401  (the tests' free ports)
 

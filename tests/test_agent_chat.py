@@ -100,7 +100,7 @@ def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agen
         "a wrong key": f"AZURE_ML_ENDPOINT={refusing.url}\nAZURE_ML_API_KEY=wrong-secret-key\n",
         "an unreachable endpoint": f"AZURE_ML_ENDPOINT={unreachable}\nAZURE_ML_API_KEY=unreached-secret-key\n",
     }
-    monkeypatch.setattr(flow.endpoint, "BACKOFF_FACTOR", 0)  # the flow's own line, without its waits
+    monkeypatch.setattr(flow.endpoint_client, "BACKOFF_FACTOR", 0)  # the flow's own line, without its waits
     for case, text in settings.items():
         env_file.write_text(text)
         expected = flows_message(monkeypatch, env_file)
@@ -135,7 +135,7 @@ def test_the_agent_environment_stands_alone_and_importing_the_chat_changes_nothi
 
     code = ("import os, sys, logging, importlib.util as u, opentelemetry.version as v; sys.path.insert(0, sys.argv[1]); "
             "before, level = dict(os.environ), logging.getLogger().level; "
-            "import chat.agent, chat.serve_agent, chat.endpoint; "
+            "import chat.agent, chat.serve_agent, chat.endpoint_client; "
             "assert dict(os.environ) == before and logging.getLogger().level == level; "
             "print(u.find_spec('promptflow') is None, u.find_spec('torch') is None, v.__version__)")
     result = subprocess.run([AGENT_PYTHON, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
@@ -148,7 +148,7 @@ def test_the_agent_environment_stands_alone_and_importing_the_chat_changes_nothi
 
 
 def test_make_local_asks_the_agent_after_the_flow(endpoint, monkeypatch, tmp_path, capsys):
-    from local.ask_agent import ask_the_agent
+    from chat.ask_agent import ask_the_agent
 
     monkeypatch.setenv("FINETUNE_PHI_ENV_FILE", str(endpoint.env_file))  # as make local's .env points at it
     assert ask_the_agent(QUESTION, tmp_path) == ANSWER

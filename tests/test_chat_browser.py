@@ -154,7 +154,7 @@ def test_the_agent_framework_chat_page_shows_the_flows_line_for_a_wrong_key(brow
         # The flow's own line, after DevUI's "Agent execution error: ". The page renders it as Markdown: the
         # names in backticks show as code, without them.
         with pytest.raises(flow.EndpointError) as failed:
-            flow.endpoint.query_azml_endpoint(QUESTION, settings["AZURE_ML_ENDPOINT"], "not-the-key", 30, {})
+            flow.endpoint_client.query_azml_endpoint(QUESTION, settings["AZURE_ML_ENDPOINT"], "not-the-key", 30, {})
         line = f"Agent execution error: {failed.value}".replace("`", "")
         ask_devui(page, QUESTION, line)
         assert "AZURE_ML_API_KEY" in line

@@ -8,13 +8,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from chat.endpoint import EndpointError
+from chat.endpoint_client import EndpointError
 from serving import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
-SETUP = "build it with `make setup` (requirements-agent.txt)"
+SETUP = "build it with `make setup` (chat/requirements-agent.txt)"
 
 
 class AgentChat:
