@@ -249,6 +249,20 @@ def test_spans_reach_an_otlp_collector_naming_the_model_and_host_never_the_key(s
     assert "traced-secret-key" not in server.output()
 
 
+def test_a_grpc_collector_is_refused_with_one_line(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+           "DEVUI_AUTH_TOKEN": "t"}
+    result = subprocess.run([AGENT_PYTHON, "-m", "chat.serve_agent", "--port", str(free_port())], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("serve_agent: the OTLP protocol is grpc")
+    assert "http/protobuf" in line and "unset OTEL_EXPORTER_OTLP_PROTOCOL" in line
+
+
 def test_agent_run_options_stand_for_the_settings(stand_in, tmp_path):
     # temperature and max_tokens, as a program passes them to agent.run, reach the endpoint as its params.
     import os
