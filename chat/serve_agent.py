@@ -112,7 +112,8 @@ def refuse_unknown_conversations(app, server) -> None:
             conversation = body.get("conversation") if isinstance(body, dict) else None
             if isinstance(conversation, dict):
                 conversation = conversation.get("id")
-            if isinstance(conversation, str) and server.executor.conversation_store.get_conversation(conversation) is None:
+            store = server.executor.conversation_store
+            if isinstance(conversation, str) and store.get_conversation(conversation) is None:
                 message = (f"conversation {conversation} is not on this server: it keeps conversations in memory, and "
                            "a restart forgets them; start a new conversation, or send the earlier turns in `input`")
                 return JSONResponse(status_code=404, content={"error": {

@@ -99,7 +99,21 @@ def flows_message(monkeypatch, env_file) -> str:
     return str(failed.value)
 
 
-def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agent_on, stand_in, monkeypatch, tmp_path):
+@pytest.fixture
+def never_accepting_port():
+    """A port of 127.0.0.1 that never accepts a connection: a listening socket whose queue is already full
+    (backlog 0, one connection waiting), so the kernel drops every further connection request unanswered, as
+    from a host that is down."""
+    with socket.socket() as listener, socket.socket() as waiting:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        waiting.setblocking(False)
+        waiting.connect_ex(listener.getsockname())
+        yield listener.getsockname()[1]
+
+
+def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agent_on, stand_in, never_accepting_port,
+                                                                             monkeypatch, tmp_path):
     # Started before any endpoint is configured, as the flow may be: the settings are read at each question.
     env_file = tmp_path / ".env"
     env_file.write_text("")
@@ -107,12 +121,12 @@ def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agen
     refusing = stand_in((401, {"message": "Unauthorized"}, {}))
     answering = stand_in((200, [ANSWER], {}))
     unreachable = f"http://127.0.0.1:{free_port()}/score"
-    silent = never_accepting_port()
     settings = {
         "no endpoint": "",
         "a wrong key": f"AZURE_ML_ENDPOINT={refusing.url}\nAZURE_ML_API_KEY=wrong-secret-key\n",
         "an unreachable endpoint": f"AZURE_ML_ENDPOINT={unreachable}\nAZURE_ML_API_KEY=unreached-secret-key\n",
-        "an endpoint that never accepts": f"AZURE_ML_ENDPOINT=http://127.0.0.1:{silent}/score\nAZURE_ML_API_KEY=k\n",
+        "an endpoint that never accepts": f"AZURE_ML_ENDPOINT=http://127.0.0.1:{never_accepting_port}/score\n"
+                                          "AZURE_ML_API_KEY=k\n",
     }
     monkeypatch.setattr(flow.endpoint_client, "BACKOFF_FACTOR", 0)  # the flow's own line, without its waits
     for case, text in settings.items():
@@ -134,24 +148,10 @@ def test_bad_settings_fail_with_the_flows_line_and_the_server_keeps_running(agen
     assert not [key for key in ("wrong-secret-key", "unreached-secret-key", "right-secret-key") if key in log]
 
 
-def never_accepting_port() -> int:
-    """A port of 127.0.0.1 that never accepts a connection: a listening socket whose queue is already full
-    (backlog 0, one connection waiting), so the kernel drops every further connection request unanswered, as
-    from a host that is down. It lasts as long as the test process."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    waiting = socket.socket()
-    waiting.setblocking(False)
-    waiting.connect_ex(listener.getsockname())
-    never_accepting_port.sockets = getattr(never_accepting_port, "sockets", []) + [listener, waiting]
-    return listener.getsockname()[1]
-
-
-def test_an_endpoint_that_never_accepts_is_asked_once_and_fails_in_seconds(monkeypatch):
+def test_an_endpoint_that_never_accepts_is_asked_once_and_fails_in_seconds(never_accepting_port, monkeypatch):
     import urllib3.util.connection
 
-    port = never_accepting_port()
+    port = never_accepting_port
     tries = []
     connect = urllib3.util.connection.create_connection
     monkeypatch.setattr(urllib3.util.connection, "create_connection",
@@ -162,8 +162,9 @@ def test_an_endpoint_that_never_accepts_is_asked_once_and_fails_in_seconds(monke
     with pytest.raises(flow.EndpointError) as failed:
         flow.my_python_tool(QUESTION)  # the flow's tool, and the agent's chat client, make this one call
     assert tries == [("127.0.0.1", port)]
-    assert time.monotonic() - started < flow.endpoint_client.CONNECT_TIMEOUT_S + 2
-    assert f"could not connect to http://127.0.0.1:{port}/score within 5 s" in str(failed.value)
+    connect_s = flow.endpoint_client.CONNECT_TIMEOUT_S
+    assert time.monotonic() - started < connect_s + 2
+    assert f"could not connect to http://127.0.0.1:{port}/score within {connect_s:g} s" in str(failed.value)
 
 
 def test_help_explains_every_flag_and_serving_beyond_this_machine_is_refused():
@@ -269,11 +270,12 @@ def test_agent_run_options_stand_for_the_settings(stand_in, tmp_path):
     import subprocess
 
     endpoint_ = stand_in((200, [ANSWER], {}))
-    code = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); from chat.agent import make_agent; agent = make_agent(); "
-            "print(asyncio.run(agent.run('Q', options={'temperature': 0.3, 'max_tokens': 5})).text); "
-            "print(asyncio.run(agent.run('Q', options={'temperature': 0})).text)")
+    code = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); from chat.agent import make_agent; "
+            "agent = make_agent(); ask = lambda options: print(asyncio.run(agent.run('Q', options=options)).text); "
+            "ask({'temperature': 0.3, 'max_tokens': 5}); ask({'temperature': 0})")
     env = {**os.environ, "AZURE_ML_ENDPOINT": endpoint_.url, "AZURE_ML_API_KEY": "k", "AZURE_ML_MAX_NEW_TOKENS": "9"}
-    result = subprocess.run([AGENT_PYTHON, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    result = subprocess.run([AGENT_PYTHON, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                            env=env)
     assert result.stdout.split("\n")[:2] == [ANSWER, ANSWER], result.stderr[-2000:]
     sampled, greedy = (request["body"]["params"] for request in endpoint_.requests)
     assert (sampled["temperature"], sampled["max_new_tokens"], sampled["do_sample"]) == (0.3, 5, True)
