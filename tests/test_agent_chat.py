@@ -250,6 +250,26 @@ def test_spans_reach_an_otlp_collector_naming_the_model_and_host_never_the_key(s
     assert "traced-secret-key" not in server.output()
 
 
+def test_without_a_collector_no_span_is_made_and_no_processor_piles_up(tmp_path):
+    # DevUI adds a span processor to the global provider at each request (for its trace panel): the chat's
+    # provider turns it away, and with no collector the framework makes no spans at all.
+    import os
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from fastapi import FastAPI; from opentelemetry import trace; "
+            "from opentelemetry.sdk.trace.export import SimpleSpanProcessor; "
+            "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter as Memory; "
+            "from agent_framework.observability import OBSERVABILITY_SETTINGS; "
+            "from chat.serve_agent import set_up_tracing; traced = set_up_tracing(FastAPI()); late = Memory(); "
+            "trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(late)); "
+            "trace.get_tracer('t').start_span('s').end(); "
+            "print(traced, OBSERVABILITY_SETTINGS.ENABLED, len(late.get_finished_spans()))")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+    result = subprocess.run([AGENT_PYTHON, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
+                            env=env)
+    assert result.stdout.split() == ["False", "False", "0"], result.stderr[-2000:]
+
+
 def test_a_grpc_collector_is_refused_with_one_line(tmp_path):
     import os
     import subprocess
