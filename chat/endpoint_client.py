@@ -38,7 +38,7 @@ SETTINGS = (
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 190.0
-# An endpoint answers a connection within a second; one that has not after 5 s is down or unreachable.
+# A live endpoint accepts a connection at once; one that has not within 5 s is down or unreachable.
 CONNECT_TIMEOUT_S = 5.0
 # Azure's gateway answers 424 when the model's container fails, with the container's status here.
 MODEL_STATUS_HEADER = "ms-azureml-model-error-statuscode"
