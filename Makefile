@@ -36,10 +36,12 @@ $(SERVER_VENV)/.installed: requirements-azmlinfsrv.txt $(VENV)/.installed
 	  "$$($(SERVER_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finetune_phi_main_venv.pth"
 	touch $@
 
-$(AGENT_VENV)/.installed: requirements-agent.txt
-	test -x $(AGENT_VENV)/bin/python || $(PYTHON) -m venv $(AGENT_VENV)
+# Built anew whenever its pins change, so that nothing of older pins stays (pip install only adds and upgrades).
+$(AGENT_VENV)/.installed: chat/requirements-agent.txt
+	rm -rf $(AGENT_VENV)
+	$(PYTHON) -m venv $(AGENT_VENV)
 	$(AGENT_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(AGENT_VENV)/bin/python -m pip install --quiet -r requirements-agent.txt
+	$(AGENT_VENV)/bin/python -m pip install --quiet -r chat/requirements-agent.txt
 	$(AGENT_VENV)/bin/python -m pip check
 	touch $@
 

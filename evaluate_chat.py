@@ -6,7 +6,7 @@ azure-ai-evaluation, from this machine:
   1. it reads the first --questions conversations of the test data (TEST_DATA_PATH): the first user
      turn of each is the question, the first assistant turn its reference answer;
   2. it asks them of the endpoint in .env (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY; local or Azure) through
-     the Prompt flow's own call (chat/endpoint.py: the same prompt, params, timeout, retries and error
+     the Prompt flow's own call (chat/endpoint_client.py: the same prompt, params, timeout, retries and error
      messages), or with --chat agent through the Agent Framework chat (served for the run, asked with
      openai), as many at once as the deployment of its form admits;
   3. it asks the same of the model before fine-tuning, like against like: --baseline MODEL is served
@@ -112,7 +112,7 @@ def parse_args(argv=None):
 def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
     """The fine-tuned endpoint and the baseline's, with the same params (a served baseline's URL and key come once
     it is live); the chat's own settings, checked as the chat checks them."""
-    from chat.endpoint import EndpointError, endpoint_settings
+    from chat.endpoint_client import EndpointError, endpoint_settings
 
     comparing = bool(args.baseline or args.baseline_endpoint)
     temperature = 0 if args.temperature is None and comparing else args.temperature
@@ -143,8 +143,8 @@ def asked_through(chat: str, endpoint: Endpoint, timeout: float, run_dir: Path):
     if chat == "flow":
         yield
         return
-    from chat.endpoint import EndpointError
-    from local.ask_agent import agent_chat
+    from chat.endpoint_client import EndpointError
+    from chat.ask_agent import agent_chat
 
     try:
         with agent_chat(collect.chat_settings(endpoint, timeout), run_dir / f"agent-chat-{endpoint.name}.log") as served:
@@ -210,7 +210,7 @@ def quiet_the_tools() -> None:
     os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")  # see local/pf_home.py
     os.environ.setdefault("PF_LOGGING_LEVEL", "WARNING")
     logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("chat.endpoint").setLevel(logging.WARNING)
+    logging.getLogger("chat.endpoint_client").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 

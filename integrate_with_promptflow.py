@@ -1,12 +1,12 @@
 """The Prompt flow's one tool: send the chat's question, with its history, to the model's endpoint.
 
 The tutorial's integrate_with_promptflow.py, made safe to chat with. The request itself, its
-settings, timeout, retries and one-line errors live in chat/endpoint.py, which the same chat on
+settings, timeout, retries and one-line errors live in chat/endpoint_client.py, which the same chat on
 Microsoft Agent Framework (chat/agent.py) shares; what is the flow's is here: the tool, and the
 chat history in Prompt flow's shape. Unlike the tutorial, the URI and key are read from the
 environment or .env at each question (never from a source file), the earlier turns go into the
 prompt so that follow-up questions keep their context, and every request has a timeout, retries
-and a message that names the failure and its fix (chat/endpoint.py says each).
+and a message that names the failure and its fix (chat/endpoint_client.py says each).
 """
 
 import asyncio
@@ -16,11 +16,11 @@ import platform
 
 from promptflow.core import tool
 
-from chat.endpoint import (  # noqa: F401  (the flow's names, as before the call moved to chat/endpoint.py)
+from chat.endpoint_client import (  # noqa: F401  (the flow's names, as before the call moved to chat/endpoint_client.py)
     FIXES, HOW_TO_SET, MODEL_FIXES, MODEL_STATUS_HEADER, SETTINGS, EndpointError, endpoint_settings,
     query_azml_endpoint,
 )
-from chat import endpoint
+from chat import endpoint_client
 
 # `pf flow serve`'s Flask engine would load .env into the environment once, at start, where it would
 # shadow the .env this tool reads at each question (a restarted endpoint's new URI and key).
@@ -49,7 +49,7 @@ def flow_turns(chat_history: list | None) -> list[tuple[str, str]]:
 
 def phi3_prompt(question: str, chat_history: list | None) -> str:
     """The question after the earlier turns of Prompt flow's chat_history, in Phi-3's chat format."""
-    return endpoint.phi3_prompt(question, flow_turns(chat_history))
+    return endpoint_client.phi3_prompt(question, flow_turns(chat_history))
 
 
 def setup_asyncio_policy():
@@ -69,4 +69,4 @@ def my_python_tool(input_data: str, chat_history: list = None) -> str:
     if not input_data or not input_data.strip():
         raise ValueError("The question is empty: type a question for the model (flow input input_data)")
     setup_asyncio_policy()
-    return endpoint.ask(input_data, flow_turns(chat_history))
+    return endpoint_client.ask(input_data, flow_turns(chat_history))

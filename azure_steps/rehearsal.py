@@ -59,7 +59,7 @@ def endpoint_name(real_endpoint_name: str) -> str:
 
 def ask(ml_client, endpoint: str) -> str:
     """One question through the Prompt flow to the rehearsal endpoint, .env untouched."""
-    from local.ask_flow import ask_the_flow
+    from chat.ask_flow import ask_the_flow
 
     settings = {
         "AZURE_ML_ENDPOINT": ml_client.online_endpoints.get(name=endpoint).scoring_uri,

@@ -17,10 +17,13 @@ the local endpoint with the deployment's settings for its form (serving/forms.py
 asking at once, of which Azure admits 2 x max_concurrent_requests_per_instance (429 for the rest): the
 admitted ones' latency, the slowest answer of a burst against one answer alone, server memory. The int4
 form once per --big-serving: batched (requests that arrive together answered together) and in-turn.
+--agent-questions N: step 4b's chat server (chat/serve_agent.py) asked N questions through its API, in
+front of a stand-in endpoint that answers at once: its memory and time per question, every tenth of N.
 
     python benchmarks/bench_serving.py --workers 1,2 --threads default,1
     python benchmarks/bench_serving.py --big --big-forms bfloat16,float32,int4
     python benchmarks/bench_serving.py --big-endpoint --big-clients 1,3,6
+    python benchmarks/bench_serving.py --agent-questions 3000
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_serving.py --big   # torch held to a Broadwell host's ISA
 """
 
@@ -85,6 +88,7 @@ def parse_args(argv=None):
                                                 "once; 1 (first) is one answer alone, the others' ratio is to it")
     flag("--big-rounds", type=int, default=3, help="with --big-endpoint: bursts of clients per number of clients")
     flag("--big-layers", type=int, help="with --big or --big-endpoint: only this many layers (a quick check)")
+    flag("--agent-questions", type=int, default=0, help="instead: ask step 4b's chat server this many questions")
     return parser.parse_args(argv)
 
 
@@ -413,13 +417,52 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
     return rows
 
 
+def measure_agent(opts, servers: Servers) -> list[dict]:
+    """Step 4b's chat server in front of an endpoint that answers at once: its memory and time per question."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from openai import OpenAI
+
+    class Instant(BaseHTTPRequestHandler):
+        log_message = staticmethod(lambda *args: None)
+
+        def do_POST(self):  # HTTP/1.0: the answer ends with the connection
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'["Yes"]')
+
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Instant)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    port, token = processes.free_port(), secrets.token_urlsafe(16)
+    servers.start("agent", [common.ROOT / ".venv-agent" / "bin" / "python", "-m", "chat.serve_agent", "--port", port],
+                  f"http://localhost:{port}/health", DEVUI_AUTH_TOKEN=token,
+                  AZURE_ML_ENDPOINT=f"http://127.0.0.1:{endpoint.server_address[1]}/score")
+    server = psutil.Process(servers.running[-1].pid)
+    (agent,) = requests.get(f"http://localhost:{port}/v1/entities", headers={"Authorization": f"Bearer {token}"},
+                            timeout=30).json()["entities"]
+    client = OpenAI(base_url=f"http://localhost:{port}/v1", api_key=token, max_retries=0)
+    rows, every = [], max(1, opts.agent_questions // 10)
+    for asked in range(every, opts.agent_questions + 1, every):
+        start = time.perf_counter()
+        for _ in range(every):
+            answer = client.responses.create(model=agent["id"], input=QUESTION, metadata={"entity_id": agent["id"]})
+            assert answer.output_text == "Yes", answer.error
+        rows.append({"questions": asked, "ms_per_question": 1000 * (time.perf_counter() - start) / every,
+                     "server_rss_mib": server.memory_info().rss / 2**20})
+    servers.stop_all()
+    endpoint.shutdown()
+    common.print_table(rows, ["questions", "ms_per_question", "server_rss_mib"])
+    return rows
+
+
 def main(argv=None):
     """Measure what the flags ask for; print the tables and the RESULT line."""
     opts = parse_args(argv)
     opts.max_new_tokens = opts.max_new_tokens or (128 if opts.big_endpoint else 8)
-    payload = {"endpoint": [], "big": [], "big_endpoint": []}
+    payload = {"endpoint": [], "big": [], "big_endpoint": [], "agent": []}
     with tempfile.TemporaryDirectory(dir=common.SCRATCH) as tmp, Servers(Path(tmp)) as servers:
-        if not (opts.big or opts.big_endpoint) and opts.model_dir is None:
+        if not (opts.big or opts.big_endpoint or opts.agent_questions) and opts.model_dir is None:
             tokenizer = tiny_phi3.build_tokenizer()
             opts.model_dir = Path(tmp) / "tiny-model"
             ft.save_mlflow_model(tiny_phi3.build_model(tokenizer), tokenizer, str(opts.model_dir))
@@ -429,7 +472,9 @@ def main(argv=None):
             payload["big"] = measure_big(opts)
         if opts.big_endpoint:
             payload["big_endpoint"] = measure_big_endpoint(opts, servers)
-        if not (opts.big or opts.big_endpoint):
+        if opts.agent_questions:
+            payload["agent"] = measure_agent(opts, servers)
+        if not (opts.big or opts.big_endpoint or opts.agent_questions):
             tokenizer = AutoTokenizer.from_pretrained(opts.model_dir / "components" / "tokenizer")
             for workers in map(int, opts.workers.split(",")):
                 for threads in opts.threads.split(","):

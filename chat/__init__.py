@@ -1,1 +1,2 @@
-"""The chat with the fine-tuned model's endpoint: the call both chats share, and the Agent Framework chat."""
+"""The chat with the fine-tuned model's endpoint: the call both chats share (endpoint_client.py), the Agent
+Framework chat and its server, and one question through either chat (ask_flow.py, ask_agent.py)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from chat.endpoint import EndpointError
+from chat.endpoint_client import EndpointError
 from chat_evaluation import EvaluationStopped
 
 
@@ -117,8 +117,8 @@ def write_in_order(path: Path, answers: dict[int, dict]) -> None:
 
 def ask(endpoint: Endpoint, question: str, timeout: float) -> str:
     """One question, alone, as the chat's first turn sends it: through a served chat, or with the call the Prompt
-    flow's tool makes (chat/endpoint.py)."""
-    from chat import endpoint as model
+    flow's tool makes (chat/endpoint_client.py)."""
+    from chat import endpoint_client as model
 
     if endpoint.through is not None:
         return endpoint.through(question)

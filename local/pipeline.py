@@ -30,8 +30,8 @@ from pathlib import Path
 
 
 from local import mlflow_store
-from local.ask_agent import ask_the_agent
-from local.ask_flow import ask_the_flow
+from chat.ask_agent import ask_the_agent
+from chat.ask_flow import ask_the_flow
 from serving import processes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ service, nothing left running.
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,11 +23,11 @@ import psutil
 import pytest
 import requests
 
-from chat.endpoint import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
+from chat.endpoint_client import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
 from finetuning_dir.chat_data import PREDICT_PARAMS
 from local import pf_home
-from local.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
+from chat.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
 from serving import processes
 from serving.processes import free_port  # noqa: F401  (the tests' free ports)
 
@@ -139,27 +140,32 @@ class FlowServer(Server):
 
 
 class AgentServer(Server):
-    """`.venv-agent/bin/python -m chat.serve_agent --port P`, the README's step 4b: DevUI serving the agent."""
+    """`.venv-agent/bin/python -m chat.serve_agent --port P`, the README's step 4b: DevUI serving the agent, with
+    a token of its own in DEVUI_AUTH_TOKEN."""
 
     def __init__(self, env: dict, log: Path, *flags):
         self.port = free_port()
         self.base_url = f"http://localhost:{self.port}"
-        super().__init__([AGENT_PYTHON, "-m", "chat.serve_agent", "--port", self.port, *flags], env, log,
-                         self.base_url + "/health")
+        self.token = secrets.token_urlsafe(16)
+        super().__init__([AGENT_PYTHON, "-m", "chat.serve_agent", "--port", self.port, *flags],
+                         {"DEVUI_AUTH_TOKEN": self.token, **env}, log, self.base_url + "/health")
 
     def entity_id(self) -> str:
         """The agent's id, which DevUI makes anew at each start (its OpenAI API routes by it)."""
-        (entity,) = requests.get(self.base_url + "/v1/entities", timeout=30).json()["entities"]
+        (entity,) = requests.get(self.base_url + "/v1/entities", headers={"Authorization": f"Bearer {self.token}"},
+                                 timeout=30).json()["entities"]
         return entity["id"]
 
     def client(self):
-        """openai's client, pointed at the server's OpenAI-compatible API."""
+        """openai's client, pointed at the server's OpenAI-compatible API, as the docs set it: no timeout of its own
+        and no retries (the chat's own apply to the endpoint), so that each question is asked once."""
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url + "/v1", api_key="unused-on-localhost", timeout=300, max_retries=0)
+        return OpenAI(base_url=self.base_url + "/v1", api_key=self.token, timeout=None, max_retries=0)
 
-    def ask(self, question: str, conversation: str | None = None):
-        """One question through the Responses API (in `conversation`, to keep the chat's history)."""
+    def ask(self, question, conversation: str | None = None):
+        """One question, or a list of messages, through the Responses API (in `conversation`, to keep the chat's
+        history)."""
         agent = self.entity_id()
         extra = {"conversation": conversation} if conversation else {}
         return self.client().responses.create(model=agent, input=question, metadata={"entity_id": agent}, **extra)

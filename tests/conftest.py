@@ -28,9 +28,10 @@ from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS  # noqa: E402,F401
 
 def is_a_setting(name: str) -> bool:
     """Whether config.py or the flow may read this environment variable: every AZURE_* name (the flow's
-    AZURE_ML_TEMPERATURE and AZURE_ML_MAX_NEW_TOKENS too) and the data paths. The tests start from the
-    tutorial's placeholders, never from a developer's shell or .env."""
-    return name.startswith("AZURE_") or name in ("TRAIN_DATA_PATH", "TEST_DATA_PATH")
+    AZURE_ML_TEMPERATURE and AZURE_ML_MAX_NEW_TOKENS too), the data paths, and step 4b's token and trace
+    collector (DEVUI_*, OTEL_*). The tests start from the tutorial's placeholders, never from a developer's
+    shell or .env."""
+    return name.startswith(("AZURE_", "DEVUI_", "OTEL_")) or name in ("TRAIN_DATA_PATH", "TEST_DATA_PATH")
 
 
 

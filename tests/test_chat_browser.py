@@ -94,15 +94,18 @@ def test_the_default_flask_engine_cannot_show_the_page(endpoint, quiet_pf_home, 
         server.stop()
 
 
-def open_devui(page, base_url: str):
+def open_devui(page, server):
     """DevUI's page on a new conversation, ready for a question.
 
-    The page first reopens the server's latest conversation (which other tests may have left) and loads its
-    items; a conversation started before that load ends is overwritten by it, with what was asked there. So
-    wait until the conversation picker is enabled (its load is over), start a new conversation, and wait until
-    the picker shows it.
+    The page first asks for the server's token, as the learner pastes it once. It then reopens the server's
+    latest conversation (which other tests may have left) and loads its items; a conversation started before
+    that load ends is overwritten by it, with what was asked there. So wait until the conversation picker is
+    enabled (its load is over), start a new conversation, and wait until the picker shows it.
     """
-    page.goto(base_url + "/")
+    page.goto(server.base_url + "/")
+    token = page.get_by_placeholder("Paste token from server logs")
+    token.fill(server.token)
+    token.press("Enter")
     picker = page.get_by_role("combobox").filter(has_text=re.compile(r"Conversation \S{8}"))
     expect(picker).to_be_enabled(timeout=60_000)
     opened = picker.inner_text()
@@ -127,7 +130,7 @@ def ask_devui(page, question: str, expected: str):
 def test_the_agent_framework_chat_page_answers_and_keeps_the_conversation(browser, agent_server):
     context, page = local_page(browser, agent_server.port)
     try:
-        open_devui(page, agent_server.base_url)
+        open_devui(page, agent_server)
         ask_devui(page, QUESTION, ANSWER)
         ask_devui(page, "Is that right?", "Yes, that is right.")  # what the tiny model learned after the first turn
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -150,11 +153,11 @@ def test_the_agent_framework_chat_page_shows_the_flows_line_for_a_wrong_key(brow
     try:
         server.wait_until_live(timeout=120)
         context, page = local_page(browser, server.port)
-        open_devui(page, server.base_url)
+        open_devui(page, server)
         # The flow's own line, after DevUI's "Agent execution error: ". The page renders it as Markdown: the
         # names in backticks show as code, without them.
         with pytest.raises(flow.EndpointError) as failed:
-            flow.endpoint.query_azml_endpoint(QUESTION, settings["AZURE_ML_ENDPOINT"], "not-the-key", 30, {})
+            flow.endpoint_client.query_azml_endpoint(QUESTION, settings["AZURE_ML_ENDPOINT"], "not-the-key", 30, {})
         line = f"Agent execution error: {failed.value}".replace("`", "")
         ask_devui(page, QUESTION, line)
         assert "AZURE_ML_API_KEY" in line

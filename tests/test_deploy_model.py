@@ -377,7 +377,7 @@ def test_the_rehearsal_deploys_its_tiny_model_on_the_smallest_size_and_asks_the_
                                                                                      tmp_path, capsys):
     monkeypatch.setattr(config, "AZURE_ML_REHEARSAL_JOB_NAME", "calm_kiwi_7")
     asked = []
-    monkeypatch.setattr("local.ask_flow.ask_the_flow", lambda question, settings: asked.append((question, settings))
+    monkeypatch.setattr("chat.ask_flow.ask_the_flow", lambda question, settings: asked.append((question, settings))
                         or "Microsoft was founded by Bill Gates and Paul Allen in 1975.")
     deploy_model.main(["--rehearsal"])
 
@@ -515,7 +515,7 @@ def test_a_rehearsal_whose_question_fails_keeps_its_endpoint_and_says_what_it_co
     def failing_flow(question, settings):
         sys.exit("local pipeline: the flow failed: HTTP 424 from the endpoint")
 
-    monkeypatch.setattr("local.ask_flow.ask_the_flow", failing_flow)
+    monkeypatch.setattr("chat.ask_flow.ask_the_flow", failing_flow)
     with pytest.raises(SystemExit) as stop:
         deploy_model.main(["--rehearsal"])
     assert str(stop.value) == "local pipeline: the flow failed: HTTP 424 from the endpoint"

@@ -285,7 +285,7 @@ def results_dir(tmp_path):
 def test_an_unreachable_endpoint_stops_with_one_line(chats, monkeypatch, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/score"
     use_endpoint(monkeypatch, url, "some-key")
-    monkeypatch.setattr(flow.endpoint, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
+    monkeypatch.setattr(flow.endpoint_client, "BACKOFF_FACTOR", 0)  # the retries still happen, without their waits
     message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
     assert message == stop_line(tmp_path, f"could not connect to {url} (after 3 retries): is the endpoint running? "
                                           f"{flow.HOW_TO_SET} (ConnectionError)", kept=0, asked=2)
@@ -508,7 +508,7 @@ def test_importing_step_5_writes_nothing_and_changes_no_setting(tmp_path):
         "import os, sys, logging; sys.path.insert(0, sys.argv[1]); before = dict(os.environ); "
         "level = logging.getLogger().level; "
         "import evaluate_chat, chat_evaluation.collect, chat_evaluation.baseline, chat_evaluation.scoring, "
-        "chat_evaluation.compare, chat_evaluation.report, chat.endpoint, local.ask_agent; "
+        "chat_evaluation.compare, chat_evaluation.report, chat.endpoint_client, chat.ask_agent; "
         "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
         "assert logging.getLogger().level == level and not logging.getLogger().handlers; print('ok')"
     )

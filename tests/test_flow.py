@@ -57,7 +57,7 @@ def test_the_flow_is_the_tutorials_made_a_chat_flow():
     assert node["name"] == "integrate_with_promptflow"
     assert node["source"] == {"type": "code", "path": "integrate_with_promptflow.py"}
     source = "".join((ROOT / name).read_text() for name in ("integrate_with_promptflow.py", "flow.dag.yml",
-                                                            "chat/endpoint.py"))  # the tool and the call it makes
+                                                            "chat/endpoint_client.py"))  # the tool and the call it makes
     assert "Bearer" in source and "your_fine_tuned_model_api_key" not in source  # no key in a source file
 
 
@@ -114,7 +114,7 @@ def test_a_env_file_in_the_flow_folder_does_not_shadow_the_settings(endpoint, qu
     (flow / "finetuning_dir").mkdir(parents=True)
     (flow / "chat").mkdir()
     for name in ("flow.dag.yml", "integrate_with_promptflow.py", "config.py", "finetuning_dir/chat_data.py",
-                 "chat/__init__.py", "chat/endpoint.py"):
+                 "chat/__init__.py", "chat/endpoint_client.py"):
         shutil.copy(ROOT / name, flow / name)  # what the flow's tool imports
     (flow / ".env").write_text(f"AZURE_ML_ENDPOINT=http://127.0.0.1:{free_port()}/score\nAZURE_ML_API_KEY=stale\n")
     env = {**quiet_pf_home, "FINETUNE_PHI_ENV_FILE": str(endpoint.env_file), "AZURE_ML_TEMPERATURE": "0"}

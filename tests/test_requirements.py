@@ -150,10 +150,10 @@ def test_the_int4_serving_environment_resolves_without_torch_or_cuda(azure_envir
 
 
 def test_the_agent_environment_is_the_pinned_one_and_consistent():
-    # Step 4b's .venv-agent, built by `make setup` from requirements-agent.txt: exactly those pins, and pip check
+    # Step 4b's .venv-agent, built by `make setup` from chat/requirements-agent.txt: exactly those pins, and pip check
     # clean there (Agent Framework's OpenTelemetry, which promptflow-tracing refuses, lives only there).
     agent_python = ROOT / ".venv-agent" / "bin" / "python"
-    pinned = pins((ROOT / "requirements-agent.txt").read_text().splitlines())
+    pinned = pins((ROOT / "chat/requirements-agent.txt").read_text().splitlines())
     assert pinned["agent-framework-core"] == "1.23.0" and pinned["agent-framework-devui"] == "1.0.0b261022"
     frozen = subprocess.run([agent_python, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True,
                             check=True).stdout.splitlines()

@@ -4,31 +4,33 @@ client, and stopped. What `make local` asks after the Prompt flow, and `evaluate
 
 import contextlib
 import os
+import secrets
 import shlex
 import sys
 from pathlib import Path
 
-from chat.endpoint import EndpointError
+from chat.endpoint_client import EndpointError
 from serving import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
-SETUP = "build it with `make setup` (requirements-agent.txt)"
+SETUP = "build it with `make setup` (chat/requirements-agent.txt)"
 
 
 class AgentChat:
     """A served Agent Framework chat: each ask() is a new conversation of one question."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, token: str):
         from openai import OpenAI
         import requests
 
         self.base_url = base_url
-        (entity,) = requests.get(f"{base_url}/v1/entities", timeout=30).json()["entities"]
+        (entity,) = requests.get(f"{base_url}/v1/entities", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=30).json()["entities"]
         self.agent = entity["id"]  # DevUI makes the id anew at each start; its API routes by it
-        # The chat's own timeout and retries apply to the endpoint; this client waits for them.
-        self.client = OpenAI(base_url=f"{base_url}/v1", api_key="unused-on-localhost", timeout=None, max_retries=0)
+        # The chat's own timeout and retries apply to the endpoint; this client waits for them, and asks once.
+        self.client = OpenAI(base_url=f"{base_url}/v1", api_key=token, timeout=None, max_retries=0)
 
     def ask(self, question: str) -> str:
         """The answer, or EndpointError with the chat's one-line message."""
@@ -47,13 +49,14 @@ def agent_chat(settings: dict, log: Path):
     port = processes.free_port()
     command = [AGENT_PYTHON, "-m", "chat.serve_agent", "--port", port]
     log.parent.mkdir(parents=True, exist_ok=True)
-    server = processes.start(command, log=log, env=settings, cwd=ROOT)
+    token = secrets.token_urlsafe(16)  # in the environment: out of `ps`, and out of the log
+    server = processes.start(command, log=log, env={**settings, "DEVUI_AUTH_TOKEN": token}, cwd=ROOT)
     try:
         try:
             processes.wait_until_live(server, f"http://localhost:{port}/health", timeout=120, log=log)
         except processes.NotLive as e:
             raise EndpointError(f"the Agent Framework chat {str(e).splitlines()[0]}; see {log}") from None
-        yield AgentChat(f"http://localhost:{port}")
+        yield AgentChat(f"http://localhost:{port}", token)
     finally:
         processes.stop(server)
 

@@ -12,8 +12,10 @@ exactly as to an Azure ML managed online endpoint (the local endpoint of `python
   * the sampling temperature and answer length are settings too (AZURE_ML_TEMPERATURE, default the
     tutorial's 0.7, 0 for greedy decoding; AZURE_ML_MAX_NEW_TOKENS, default 128);
   * every request has a timeout (AZURE_ML_REQUEST_TIMEOUT seconds, default 190: a little more than
-    the deployment's 180 s request timeout); 429, 503 and connection errors are retried with
-    backoff; any other failure ends with one message naming the HTTP status and the likely fix;
+    the deployment's 180 s request timeout), and a short one for connecting (CONNECT_TIMEOUT_S);
+    429, 503 and refused connections are retried with backoff, a connection that timed out is not
+    (the question is sent once); any other failure ends with one message naming the HTTP status and
+    the likely fix;
   * a failure of the model itself, which Azure's gateway reports as 424 with the model's own
     status in the ms-azureml-model-error-statuscode header, is named with that status.
 It needs requests and python-dotenv only (no promptflow), so both chats' environments can import it.
@@ -23,6 +25,7 @@ import logging
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 import config
@@ -35,6 +38,8 @@ SETTINGS = (
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 190.0
+# A live endpoint accepts a connection at once; one that has not within 5 s is down or unreachable.
+CONNECT_TIMEOUT_S = 5.0
 # Azure's gateway answers 424 when the model's container fails, with the container's status here.
 MODEL_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 RETRIES = 3
@@ -130,9 +135,20 @@ def phi3_prompt(question: str, turns: list[tuple[str, str]] = ()) -> str:
     return "".join(f"{q}<|end|>\n<|assistant|>\n{a}<|end|>\n<|user|>\n" for q, a in turns) + question
 
 
+class RetryUnlessTimedOut(Retry):
+    """urllib3's Retry, except that a connection that timed out is not tried again: a host that did not
+    answer within CONNECT_TIMEOUT_S will not in the next seconds either, and each try would add that wait."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        # (a refused connection is a NewConnectionError, which urllib3 derives from ConnectTimeoutError)
+        if isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError):
+            raise MaxRetryError(_pool, url, error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 def retrying_session() -> requests.Session:
-    """A session that retries refused connections, 429 and 503 with backoff, never a timed-out read."""
-    retry = Retry(
+    """A session that retries refused connections, 429 and 503 with backoff, never a timed-out connection or read."""
+    retry = RetryUnlessTimedOut(
         total=RETRIES,
         connect=RETRIES,
         read=False,  # re-raise a read timeout as itself (0 would turn it into a ConnectionError)
@@ -181,9 +197,15 @@ def query_azml_endpoint(input_data: str, endpoint_url: str, api_key: str, timeou
     """Send a request to the Azure ML endpoint with the given input data (the tutorial's function)."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
     data = {"input_data": [input_data], "params": params}
+    connect_timeout = min(CONNECT_TIMEOUT_S, timeout)
     try:
         with retrying_session() as session:
-            response = session.post(endpoint_url, json=data, headers=headers, timeout=timeout)
+            response = session.post(endpoint_url, json=data, headers=headers, timeout=(connect_timeout, timeout))
+    except requests.exceptions.ConnectTimeout:
+        raise EndpointError(
+            f"could not connect to {endpoint_url} within {connect_timeout:g} s: the host does not answer; check "
+            f"`AZURE_ML_ENDPOINT` and your network, or {HOW_TO_SET}"
+        ) from None
     except requests.exceptions.Timeout:
         raise EndpointError(
             f"no answer from {endpoint_url} within {timeout:g} s: the model may be overloaded or stuck; check the "
