@@ -1,17 +1,32 @@
 """The two models question by question: is the difference larger than the questions' own spread?
 
 For each metric, only the questions both models were scored on count. Per question, the difference is
-fine-tuned minus baseline; its mean is the table's difference, and a 95% percentile bootstrap over the
-questions (resampled with replacement, the same questions for both models) says how far that mean could
-move with other questions of the same kind. An interval that spans 0 is "within noise".
+fine-tuned minus baseline; its mean is the table's difference. Two figures come with it:
+
+- the verdict's p-value, from an exact paired test: a sign-flip permutation test over the questions for
+  scores (scipy.stats.permutation_test; every sign pattern enumerated up to EXACT_UP_TO questions), an
+  exact McNemar test (a binomial test on the questions where only one model had a defect) for 0/1 defects;
+- the size of the effect: a 95% percentile bootstrap interval of the mean difference (the questions
+  resampled with replacement, the same questions for both models).
+
+With n questions neither test can give a p-value below 2 / 2^n, so below MIN_QUESTIONS no count of wins
+could ever reach ALPHA: the verdict is then "too few questions to tell", whatever the answers.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 BOOTSTRAP_RESAMPLES = 10_000
-SEED = 0  # the same interval for the same answers, run after run
+SEED = 0  # the same interval and p-value for the same answers, run after run
+ALPHA = 0.05
+POWER = 0.8  # the chance of telling a difference of the named size, for the questions-needed figure
+EXACT_UP_TO = 16  # questions; 2^16 sign patterns enumerated, beyond that PERMUTATIONS drawn
+PERMUTATIONS = 20_000
+# The fewest questions whose smallest possible p-value (2 / 2^n, every question won) is below ALPHA: 6.
+MIN_QUESTIONS = math.ceil(1 + math.log2(1 / ALPHA))
 
 
 @dataclass
@@ -27,25 +42,54 @@ class Comparison:
     wins: int
     ties: int
     losses: int
+    p_value: float | None = None  # the exact paired test's, two-sided
+    sd: float | None = None  # the sample SD of the per-question differences
+    binary: bool = False  # 0/1 scores (a defect or not): McNemar's test
+
+    @property
+    def too_few(self) -> bool:
+        """Fewer questions than any test at ALPHA could ever decide on."""
+        return self.difference is not None and self.paired < MIN_QUESTIONS
 
     @property
     def within_noise(self) -> bool:
-        return self.interval is not None and self.interval[0] <= 0 <= self.interval[1]
+        return self.p_value is not None and not self.too_few and self.p_value >= ALPHA
 
 
-def paired(first: list[float | None], second: list[float | None]) -> Comparison:
-    """Compare two models' per-question scores (None: not scored)."""
+def paired(first: list[float | None], second: list[float | None], binary: bool = False) -> Comparison:
+    """Compare two models' per-question scores (None: not scored); `binary`: 0/1 scores, a defect or not."""
     pairs = [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
     scored = (sum(v is not None for v in first), sum(v is not None for v in second))
     if not pairs:
         return Comparison(scored, len(first), 0, (None, None), None, None, 0, 0, 0)
-    a, b = np.array(pairs).T
+    a, b = np.array(pairs, dtype=float).T
     diffs = a - b
+    wins, losses = int((diffs > 1e-12).sum()), int((diffs < -1e-12).sum())
     return Comparison(
         scored, len(first), len(pairs), (float(a.mean()), float(b.mean())), float(diffs.mean()),
-        bootstrap_interval(diffs), int((diffs > 1e-12).sum()), int((abs(diffs) <= 1e-12).sum()),
-        int((diffs < -1e-12).sum()),
+        bootstrap_interval(diffs), wins, len(diffs) - wins - losses, losses,
+        p_value=mcnemar_p(wins, losses) if binary else sign_flip_p(diffs),
+        sd=float(diffs.std(ddof=1)) if len(diffs) > 1 else None, binary=binary,
     )
+
+
+def sign_flip_p(diffs: np.ndarray) -> float:
+    """Two-sided p-value of the paired sign-flip permutation test of the mean difference: under "no difference"
+    each question's difference is as likely to have either sign."""
+    if len(diffs) < 2 or not np.any(np.abs(diffs) > 1e-12):
+        return 1.0  # one question has two sign patterns, as extreme as each other
+    result = stats.permutation_test(
+        (diffs,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples", vectorized=True,
+        n_resamples=2 ** EXACT_UP_TO if len(diffs) <= EXACT_UP_TO else PERMUTATIONS, alternative="two-sided", rng=SEED,
+    )
+    return float(min(1.0, result.pvalue))
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact McNemar: of the questions where one model alone scored 1, is the split further from even than
+    chance makes it? (A binomial test at 1/2 on the discordant questions.)"""
+    discordant = only_first + only_second
+    return 1.0 if discordant == 0 else float(stats.binomtest(only_first, discordant, 0.5).pvalue)
 
 
 def bootstrap_interval(diffs: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -55,6 +99,25 @@ def bootstrap_interval(diffs: np.ndarray, level: float = 0.95) -> tuple[float, f
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of several p-values (each compared with ALPHA afterwards): the family of
+    secondary metrics then claims a difference by chance at most ALPHA of the time."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def questions_needed(sd: float, difference: float, alpha: float = ALPHA, power: float = POWER) -> int:
+    """About how many questions a paired comparison needs to tell a mean difference of `difference` at `alpha`
+    with `power`, for per-question differences of SD `sd` (the normal approximation; never below
+    MIN_QUESTIONS)."""
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return max(MIN_QUESTIONS, math.ceil((z * sd / abs(difference)) ** 2))
 
 
 def one_model(values: list[float | None]) -> Comparison:

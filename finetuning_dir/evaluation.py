@@ -1,7 +1,7 @@
 """How much a fine-tune learned: test loss and a few greedy answers, of the base model and the tuned one.
 
 fine_tune.py runs this in every run, before and after training; evaluate_model.py runs it on its
-own. It works on a trainer it is given and imports nothing of the project's: the test loss is the
+own. It works on a trainer it is given and imports nothing of the project's but chat_data.py (the questions): the test loss is the
 trainer's own eval_loss over the eval file (with its perplexity), and the answers are greedy
 answers to the first few questions of the eval file. report() logs both evaluations to MLflow
 (base_eval_loss / eval_loss, base_eval_perplexity / eval_perplexity, the table eval_answers.json)
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import mlflow
 import torch
 
+from chat_data import Question, read_questions  # noqa: F401  (fine_tune.py and evaluate_model.py read them here)
+
 logger = logging.getLogger("fine_tune")
 
 DEFAULT_QUESTIONS = 3
@@ -38,28 +40,6 @@ class Evaluation:
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss) if self.loss < 700 else math.inf
-
-
-@dataclass
-class Question:
-    text: str
-    reference: str
-
-
-def read_questions(eval_file: str, count: int) -> list[Question]:
-    """The first user turn and its reference answer of the first `count` conversations that open with one."""
-    questions = []
-    with open(eval_file, encoding="utf-8") as f:
-        for line in f:
-            if len(questions) == count:
-                break
-            if not line.strip():
-                continue
-            turns = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
-            if turns and turns[0]["role"] == "user" and turns[0]["content"].strip():
-                reference = turns[1]["content"] if len(turns) > 1 and turns[1]["role"] == "assistant" else ""
-                questions.append(Question(turns[0]["content"].strip(), reference.strip()))
-    return questions
 
 
 def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens: int, autocast=None) -> list[str]:

@@ -41,7 +41,7 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     assert f1["means"][0] > 0.9 and f1["means"][1] < 0.3, f1
     assert f1["scored"] == [8, 8] and f1["paired"] == 8 and f1["wins"] >= 6
     low, high = f1["interval"]
-    assert 0 < low <= f1["difference"] <= high and f1["within_noise"] is False
+    assert 0 < low <= f1["difference"] <= high and f1["within_noise"] is False and f1["verdict"] == "fine-tuned better"
     # Like against like: both sides' form, params and model are recorded, and they are the same.
     (fine_tuned, baseline) = results["endpoints"]
     assert fine_tuned["form"] == baseline["form"] == "transformers"
@@ -54,9 +54,11 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     assert "proves that the steps work together, not that fine-tuning helps" in table.splitlines()[1]
     assert "Unlike forms" not in table and "Unlike params" not in table and "Sampled answers" not in table
     line = next(line for line in table.splitlines() if line.startswith("F1 "))
-    assert line.split() == ["F1", f"{f1['means'][0]:.3f}", f"{f1['means'][1]:.3f}", f"{f1['difference']:+.3f}",
-                            f"[{low:+.3f},", f"{high:+.3f}]", "fine-tuned", "better",
-                            f"{f1['wins']}/{f1['ties']}/{f1['losses']}", "8/8,", "8/8"]
+    assert f1["p_value"] == f1["p_verdict"] < 0.05 and results["primary"] == "f1_score"
+    assert line.split() == ["F1", "(primary)", f"{f1['means'][0]:.3f}", f"{f1['means'][1]:.3f}",
+                            f"{f1['difference']:+.3f}", f"[{low:+.3f},", f"{high:+.3f}]", f"{f1['p_value']:.3f}",
+                            "fine-tuned", "better", f"{f1['wins']}/{f1['ties']}/{f1['losses']}", "8/8,", "8/8"]
+    assert "Power (F1, the primary metric): the paired differences' SD is " in table
     assert "The 3 questions on which the two differ most (F1):" in table
     top = results["largest_differences"][0]
     assert f"    fine-tuned (F1 {top['fine-tuned F1']:.2f}): {top['fine-tuned']}" in table
