@@ -331,6 +331,7 @@ def deploy(job_name, form, rehearsal=False, instance_type=None, keep=False):
     if rehearsal:
         return ask_the_rehearsal(ml_client, endpoint_name, keep)
     save_endpoint_settings(ml_client, endpoint_name)
+    config.save_settings(AZURE_ML_ENDPOINT_FORM=form)  # evaluate_chat.py asks it as many at once as the form answers
     print(f"Done. Endpoint {endpoint_name} serves {deployment_name}; it bills {cost_per_hour(instance_type)}"
           f"{cost_per_day(instance_type)}, called or not, until you run `{delete_command(False)}`.")
 

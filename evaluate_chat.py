@@ -44,7 +44,7 @@ from pathlib import Path
 import config
 from chat_evaluation import EvaluationStopped, baseline, collect, report, scoring
 from chat_evaluation.collect import ChatUnderTest, display
-from chat_evaluation.compare import MIN_QUESTIONS
+from finetuning_dir.paired import MIN_QUESTIONS
 from serving.forms import FORMS
 
 ROOT = Path(__file__).resolve().parent

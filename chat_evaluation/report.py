@@ -5,7 +5,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from chat_evaluation.compare import ALPHA, MIN_QUESTIONS, POWER, Comparison, holm, one_model, paired, questions_needed
+from finetuning_dir.paired import (
+    ALPHA, MIN_QUESTIONS, Comparison, aligned, columns, holm, number, one_model, paired, power_lines, row,
+)
+from finetuning_dir.paired import verdict as paired_verdict
 from chat_evaluation.scoring import AI_ASSISTED, LABELS, SAFETY, Scoring, row_values
 
 
@@ -36,23 +39,8 @@ def p_values(found: dict[str, Comparison], primary: str) -> dict[str, float]:
     return {**first, **holm(secondary)}
 
 
-def number(value: float | None, sign: bool = False) -> str:
-    return "no score" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
-
-
-def p_text(p: float | None) -> str:
-    return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-
-
 def verdict(evaluator: str, c: Comparison, names: list[str], p: float | None) -> str:
-    if c.difference is None or p is None:
-        return "n/a"
-    if c.too_few:
-        return "too few questions to tell"
-    if p >= ALPHA:
-        return "within noise"
-    better = (c.difference < 0) if evaluator in SAFETY else (c.difference > 0)  # a defect rate: lower is better
-    return f"{names[0] if better else names[1]} better"
+    return paired_verdict(c, names, p, lower_is_better=evaluator in SAFETY)  # a defect rate: lower is better
 
 
 def label(evaluator: str, primary: str) -> str:
@@ -64,21 +52,16 @@ def table(found: dict[str, Comparison], names: list[str], primary: str) -> str:
     with its 95% interval, its p-value and verdict, the questions won, tied and lost, and how many each model was
     scored on."""
     two = len(names) == 2
-    header = ["metric", *names] + (["difference", "95% interval", "p", "verdict", "won/tied/lost"] if two else [])
-    lines = [header + ["scored"]]
+    lines = [(columns(names) if two else ["metric", *names]) + ["scored"]]
     ps = p_values(found, primary)
     for evaluator, c in found.items():
         scored = ", ".join(f"{n}/{c.asked}" for n in c.scored[: len(names)])
-        line = [label(evaluator, primary), *(number(m) for m in c.means[: len(names)])]
         if two:
-            interval = "n/a" if c.interval is None else f"[{c.interval[0]:+.3f}, {c.interval[1]:+.3f}]"
-            line += [number(c.difference, sign=True), interval, p_text(ps.get(evaluator)),
-                     verdict(evaluator, c, names, ps.get(evaluator)), f"{c.wins}/{c.ties}/{c.losses}"]
+            line = row(label(evaluator, primary), c, names, ps.get(evaluator), evaluator in SAFETY)
+        else:
+            line = [label(evaluator, primary), number(c.means[0])]
         lines.append(line + [scored])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) + 1)]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+    return aligned(lines)
 
 
 def how_to_read(found: dict[str, Comparison], primary: str) -> list[str]:
@@ -99,23 +82,9 @@ def how_to_read(found: dict[str, Comparison], primary: str) -> list[str]:
 
 
 def power(found: dict[str, Comparison], primary: str, smallest: float | None) -> list[str]:
-    """How many questions would tell a difference the size of the one observed (or of `smallest`) on the primary
-    metric, from the spread of this run's paired differences."""
-    c, name = found.get(primary), LABELS.get(primary, primary)
-    if c is None or c.difference is None:
-        return []
-    if c.sd is None:
-        return [f"Power ({name}): one question compared gives no spread to size a larger run from."]
-    lines = [f"Power ({name}, the primary metric): the paired differences' SD is {c.sd:.3f} over {c.paired} questions."]
-    for what, size in [("the one observed", c.difference)] + ([("--smallest-difference", smallest)] if smallest else []):
-        if abs(size) < 1e-12:
-            lines.append(f"No difference observed: name the smallest that matters with --smallest-difference to "
-                         "size a run.")
-            continue
-        needed = questions_needed(c.sd, size)
-        lines.append(f"To tell a difference of {size:+.3f} ({what}) at p < {ALPHA}, {round(POWER * 10)} times in 10: "
-                     f"about {needed} questions (normal approximation; this run compared {c.paired}).")
-    return lines
+    """The questions needed to tell the primary metric's difference, under the table."""
+    c = found.get(primary)
+    return [] if c is None else power_lines(c, f"{LABELS.get(primary, primary)}, the primary metric", smallest)
 
 
 def shorten(text: str, limit: int = 200) -> str:

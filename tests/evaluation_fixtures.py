@@ -68,16 +68,20 @@ def chat_completion(content: str) -> dict:
 
 
 class AzureOpenAIStandIn(Recording):
-    """An Azure OpenAI resource: POST /openai/deployments/<d>/chat/completions?api-version=..., `api-key` header.
+    """An Azure OpenAI resource: POST /openai/deployments/<d>/chat/completions?api-version=..., with the `api-key`
+    header, or with an Entra ID bearer token when given `token` (then over HTTPS, with `certificate`).
 
     Every judge answers score 4 with a reason, in the JSON the evaluators' prompts ask for."""
 
-    def __init__(self, key: str = "stand-in-openai-key"):
-        self.key = key
-        super().__init__(self.answer)
+    def __init__(self, key: str = "stand-in-openai-key", token: str | None = None, certificate=None):
+        self.key, self.token = key, token
+        super().__init__(self.answer, certificate)
 
     def answer(self, request):
-        if request["headers"].get("api-key") != self.key:
+        headers = {name.lower(): value for name, value in request["headers"].items()}  # httpx sends them lower-case
+        signed_in = (headers.get("authorization") == f"Bearer {self.token}" if self.token
+                     else headers.get("api-key") == self.key)
+        if not signed_in:
             return 401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}, {}
         if not re.fullmatch(r"/openai/deployments/[^/]+/chat/completions\?api-version=[\w.-]+", request["path"]):
             return 404, {"error": {"code": "404", "message": "Resource not found"}}, {}

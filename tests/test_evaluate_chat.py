@@ -29,7 +29,8 @@ from stand_ins import sample_chats
 
 import evaluate_chat  # noqa: E402
 import integrate_with_promptflow as flow  # noqa: E402
-from chat_evaluation import EvaluationStopped, compare, scoring
+from chat_evaluation import EvaluationStopped, scoring
+from finetuning_dir import paired as compare
 from chat_evaluation.collect import display
 
 OK = (200, [ANSWER], {})
@@ -64,6 +65,7 @@ def chats(tmp_path):
 def use_endpoint(monkeypatch, url: str, key: str = "stand-in-key"):
     monkeypatch.setenv("AZURE_ML_ENDPOINT", url)
     monkeypatch.setenv("AZURE_ML_API_KEY", key)
+    monkeypatch.delenv("AZURE_ML_ENDPOINT_FORM", raising=False)  # no deployment's form: int4, the default
 
 
 def run(tmp_path, *flags) -> dict:
@@ -364,9 +366,9 @@ def test_half_an_azure_openai_setting_is_refused(stand_in, chats, monkeypatch, t
     use_endpoint(monkeypatch, stand_in(OK).url)
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://judge.openai.azure.com")
     assert stopped_with(tmp_path, "--test-data", chats) == (
-        "evaluate_chat.py: config: AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENT still unset; the AI-assisted "
-        "evaluators need all of AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENT in .env (copy "
-        ".env.example), or none of them")
+        "evaluate_chat.py: config: AZURE_OPENAI_DEPLOYMENT still unset; the AI-assisted evaluators need "
+        "AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT in .env (copy .env.example), with AZURE_OPENAI_API_KEY or "
+        "an Entra ID sign-in (az login), or none of them")
 
 
 class SlowEndpoint(Recording):

@@ -22,8 +22,8 @@ from test_evaluate_chat import OK, no_nltk_data, offline  # noqa: F401
 from chat_evaluation import baseline
 
 
-def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model_dir, chat_files, no_nltk_data,
-                                                            tmp_path, monkeypatch, capfd):
+def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, fine_tuned_model, tiny_model_dir, chat_files,
+                                                            no_nltk_data, tmp_path, monkeypatch, capfd):
     """make local's step 5, as its own command line runs it, against the fine-tuned tiny model's local endpoint
     (its transformers form): the base is served by the script in that same form, with the same greedy params."""
     from local import pipeline
@@ -33,8 +33,13 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     for name, value in (("FINETUNE_PHI_ENV_FILE", endpoint.env_file), ("TEST_DATA_PATH", chat_files[1]),
                         ("NLTK_DATA", no_nltk_data)):
         monkeypatch.setenv(name, str(value))
-    pipeline.evaluate_the_chat(tiny_model_dir, 8, sample_chats=True, form="transformers")
+    pipeline.evaluate_the_chat(tiny_model_dir, 8, sample_chats=True, form="transformers", fine_tuned=fine_tuned_model)
     printed = capfd.readouterr().out
+    # First the row that shows learning: each of the 40 test conversations' loss, lowered by fine-tuning.
+    losses = printed[printed.index("== Step 5: the test loss, conversation by conversation"):printed.index("== Step 5: evaluate")]
+    assert pipeline.what_the_loss_shows(True) + "\nThe test loss, conversation by conversation:" in losses
+    loss_line = next(line for line in losses.splitlines() if line.startswith("test loss, per conversation"))
+    assert loss_line.split()[-3:] == ["model", "better", "40/0/0"] and " <0.001 " in loss_line
     (run_dir,) = [p for p in (tmp_path / "evaluations").iterdir() if p.name != "baseline-models"]
     results = json.loads((run_dir / "results.json").read_text())
     f1 = results["comparisons"]["f1_score"]

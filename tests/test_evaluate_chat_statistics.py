@@ -16,7 +16,8 @@ from chat_fixtures import ANSWER, stand_in  # noqa: F401
 from conftest import write_jsonl
 from test_evaluate_chat import OK, chats, no_nltk_data, offline, run, stopped_with, use_endpoint  # noqa: F401
 
-from chat_evaluation import compare, report, scoring
+from chat_evaluation import report, scoring
+from finetuning_dir import paired as compare
 from chat_evaluation.collect import ChatUnderTest
 
 

@@ -1,5 +1,7 @@
-"""The two models question by question: is the difference larger than the questions' own spread?
+"""Two models question by question: is the difference larger than the questions' own spread?
 
+Step 5 compares the chat's answers with it (chat_evaluation/report.py), and evaluation.py the test loss of
+each conversation, in fine_tune.py's runs too: it sits here to travel with fine_tune.py into the Azure ML job.
 For each metric, only the questions both models were scored on count. Per question, the difference is
 fine-tuned minus baseline; its mean is the table's difference. Two figures come with it:
 
@@ -118,6 +120,66 @@ def questions_needed(sd: float, difference: float, alpha: float = ALPHA, power: 
     MIN_QUESTIONS)."""
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     return max(MIN_QUESTIONS, math.ceil((z * sd / abs(difference)) ** 2))
+
+
+def verdict(c: Comparison, names: list[str], p: float | None, lower_is_better: bool = False) -> str:
+    """The verdict on one metric at ALPHA, from its p-value `p` (adjusted, for a secondary metric)."""
+    if c.difference is None or p is None:
+        return "n/a"
+    if c.too_few:
+        return "too few questions to tell"
+    if p >= ALPHA:
+        return "within noise"
+    better = (c.difference < 0) if lower_is_better else (c.difference > 0)
+    return f"{names[0] if better else names[1]} better"
+
+
+def number(value: float | None, sign: bool = False) -> str:
+    return "no score" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
+
+
+def p_text(p: float | None) -> str:
+    return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def row(label: str, c: Comparison, names: list[str], p: float | None, lower_is_better: bool = False) -> list[str]:
+    """One metric's cells in a two-model table (the `columns`, less the count of questions scored); won/tied/lost
+    from the first model's side: won where it did better (a higher score, a lower defect rate or loss)."""
+    interval = "n/a" if c.interval is None else f"[{c.interval[0]:+.3f}, {c.interval[1]:+.3f}]"
+    won, lost = (c.losses, c.wins) if lower_is_better else (c.wins, c.losses)
+    return [label, *(number(m) for m in c.means), number(c.difference, sign=True), interval, p_text(p),
+            verdict(c, names, p, lower_is_better), f"{won}/{c.ties}/{lost}"]
+
+
+def power_lines(c: Comparison, name: str, smallest: float | None = None, unit: str = "questions") -> list[str]:
+    """How many questions would tell a difference the size of the one observed (or of `smallest`), from the
+    spread of the paired differences `c` holds."""
+    if c.difference is None:
+        return []
+    if c.sd is None:
+        return [f"Power ({name}): one of the {unit} compared gives no spread to size a larger run from."]
+    lines = [f"Power ({name}): the paired differences' SD is {c.sd:.3f} over {c.paired} {unit}."]
+    for what, size in [("the one observed", c.difference)] + ([("--smallest-difference", smallest)] if smallest else []):
+        if abs(size) < 1e-12:
+            lines.append("No difference observed: name the smallest that matters with --smallest-difference to "
+                         "size a run.")
+            continue
+        lines.append(f"To tell a difference of {size:+.3f} ({what}) at p < {ALPHA}, {round(POWER * 10)} times in 10: "
+                     f"about {questions_needed(c.sd, size)} {unit} (normal approximation; this run compared {c.paired}).")
+    return lines
+
+
+def columns(names: list[str]) -> list[str]:
+    return ["metric", *names, "difference", "95% interval", "p", "verdict", "won/tied/lost"]
+
+
+def aligned(lines: list[list[str]]) -> str:
+    """Rows of cells as a text table: the first column to the left, the others to the right, a rule under the
+    header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
 
 
 def one_model(values: list[float | None]) -> Comparison:
