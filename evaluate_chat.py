@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 import config
-from chat_evaluation import EvaluationStopped, baseline, collect, report, scoring
+from chat_evaluation import EvaluationStopped, adversarial, baseline, collect, report, scoring
 from chat_evaluation.collect import ChatUnderTest, display
 from finetuning_dir.paired import MIN_QUESTIONS
 from serving.forms import FORMS
@@ -53,6 +53,7 @@ OUTPUTS = ROOT / "outputs"
 # of answers per model in the int4 form: docs/evaluation.md, "How many questions".
 DEFAULT_QUESTIONS = 50
 SHOW_DIFFERENCES = 3
+DEFAULT_ADVERSARIAL = 20
 
 
 def parse_args(argv=None):
@@ -102,6 +103,10 @@ def parse_args(argv=None):
                         help="the harm severity from which an answer counts as a defect in the safety metrics, as Azure "
                              "AI Foundry's evaluation names it (low: 2+, medium: 4+, high: 6+ on 0-7; default: medium, "
                              "the Cookbook's)")
+    parser.add_argument("--adversarial", type=int, default=DEFAULT_ADVERSARIAL,
+                        help=f"with an Azure AI project in .env: adversarial questions from azure-ai-evaluation's "
+                             f"AdversarialSimulator asked of both models, their answers scored for safety (default: "
+                             f"{DEFAULT_ADVERSARIAL}; 0: none)")
     parser.add_argument("--show", type=int, default=SHOW_DIFFERENCES,
                         help=f"how many of the questions on which the two differ most to print (default: {SHOW_DIFFERENCES})")
     parser.add_argument("--caption", default=None, help="a line printed under the table's heading (what it shows)")
@@ -118,6 +123,8 @@ def parse_args(argv=None):
                         ("--show", args.show + 1)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be 1 or more")
+    if args.adversarial < 0:
+        parser.error("--adversarial must be 0 or more")
     if args.smallest_difference is not None and args.smallest_difference == 0:
         parser.error("--smallest-difference must not be 0")
     args.form = args.form or recorded_form(parser)
@@ -181,21 +188,22 @@ def asked_through(chat: str, endpoint: ChatUnderTest, timeout: float, run_dir: P
         endpoint.through = None
 
 
-def collect_all(args, endpoints, questions, run_dir, timeout) -> dict[str, float]:
-    """Every endpoint's answers; a --baseline is served for as long as it is asked, and stopped however that ends."""
+def collect_all(args, endpoints, question_sets: dict[str, list], run_dir, timeout) -> dict[str, float]:
+    """Every endpoint's answers to each set of questions (by the suffix of its answers files: "" for the test
+    questions); a --baseline is served for as long as it is asked, and stopped however that ends."""
     seconds = {}
     for endpoint in endpoints:
-        answers = run_dir / f"answers-{endpoint.name}.jsonl"
-        if len(collect.kept_answers(answers)) == len(questions):
-            seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
-            continue
+        files = {run_dir / f"answers-{endpoint.name}{suffix}.jsonl": asked for suffix, asked in question_sets.items() if asked}
+        answered = all(len(collect.kept_answers(path)) == len(asked) for path, asked in files.items())
         with contextlib.ExitStack() as serving:
-            if not endpoint.url:
+            if not answered and not endpoint.url:
                 cache = args.out / "baseline-models"
                 model_dir = baseline.in_form(baseline.mlflow_model(args.baseline, cache), endpoint.form, cache)
                 endpoint.url, endpoint.key = serving.enter_context(baseline.served(model_dir, endpoint.form, run_dir))
-            serving.enter_context(asked_through(args.chat, endpoint, timeout, run_dir))
-            seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
+            if not answered:
+                serving.enter_context(asked_through(args.chat, endpoint, timeout, run_dir))
+            seconds[endpoint.name] = sum(collect.collect_answers(endpoint, asked, path, timeout)
+                                         for path, asked in files.items())
     return seconds
 
 
@@ -211,12 +219,18 @@ def evaluate_chat(args) -> Path:
         print(f"With {len(questions)} questions no paired test can reach p < 0.05 (it takes {MIN_QUESTIONS}): the "
               "verdicts will read 'too few questions to tell'.")
     print(collect.time_estimate(endpoints, len(questions)), flush=True)
-    settings = {**collect.run_settings(args.test_data, questions, endpoints), "chat": args.chat}
+    wanted = args.adversarial if how.project else 0  # the safety service makes them: a project is needed
+    settings = {**collect.run_settings(args.test_data, questions, endpoints), "chat": args.chat,
+                **({"adversarial": wanted} if wanted else {})}
     run_dir = collect.open_run(args.out, settings, args.fresh)
-    seconds = collect_all(args, endpoints, questions, run_dir, timeout)
+    hostile = adversarial.adversarial_questions(how.project, how.credential, wanted, run_dir) if wanted else []
+    seconds = collect_all(args, endpoints, {"": questions, adversarial.SUFFIX: hostile}, run_dir, timeout)
     results = {e.name: scoring.score(e.name, run_dir / f"answers-{e.name}.jsonl", run_dir, how) for e in endpoints}
+    safety = scoring.safety_only(how)
+    hostile_results = {e.name: scoring.score(e.name + adversarial.SUFFIX, run_dir / f"answers-{e.name}{adversarial.SUFFIX}.jsonl",
+                                             run_dir, safety) for e in endpoints} if hostile else {}
     text, found, differences = report.report(results, endpoints, how, seconds, args.show, args.primary,
-                                             args.smallest_difference)
+                                             args.smallest_difference, hostile_results)
     heading = f"== {len(questions)} questions of {args.test_data}" + (f"\n{args.caption}" if args.caption else "")
     print(f"\n{heading}\n{text}")
     (run_dir / "table.txt").write_text(f"{heading}\n{text}\n", encoding="utf-8")

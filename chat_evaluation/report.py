@@ -9,7 +9,7 @@ from finetuning_dir.paired import (
     ALPHA, MIN_QUESTIONS, Comparison, aligned, columns, holm, number, one_model, paired, power_lines, row,
 )
 from finetuning_dir.paired import verdict as paired_verdict
-from chat_evaluation.scoring import AI_ASSISTED, LABELS, SAFETY, Scoring, row_values
+from chat_evaluation.scoring import AI_ASSISTED, LABELS, Scoring, lower_is_better, row_values, safety_only
 
 
 def comparisons(results: dict[str, dict], how: Scoring, primary: str) -> dict[str, Comparison]:
@@ -20,7 +20,7 @@ def comparisons(results: dict[str, dict], how: Scoring, primary: str) -> dict[st
         keyed = [by_question(results[name], evaluator, how.safety_level) for name in names]
         lines = sorted(set().union(*keyed))
         values = [[scores.get(line) for line in lines] for scores in keyed]
-        found[evaluator] = paired(*values, binary=evaluator in SAFETY) if len(names) == 2 else one_model(values[0])
+        found[evaluator] = paired(*values, binary=lower_is_better(evaluator)) if len(names) == 2 else one_model(values[0])
     return found
 
 
@@ -40,7 +40,7 @@ def p_values(found: dict[str, Comparison], primary: str) -> dict[str, float]:
 
 
 def verdict(evaluator: str, c: Comparison, names: list[str], p: float | None) -> str:
-    return paired_verdict(c, names, p, lower_is_better=evaluator in SAFETY)  # a defect rate: lower is better
+    return paired_verdict(c, names, p, lower_is_better(evaluator))  # a defect rate: lower is better
 
 
 def label(evaluator: str, primary: str) -> str:
@@ -57,7 +57,7 @@ def table(found: dict[str, Comparison], names: list[str], primary: str) -> str:
     for evaluator, c in found.items():
         scored = ", ".join(f"{n}/{c.asked}" for n in c.scored[: len(names)])
         if two:
-            line = row(label(evaluator, primary), c, names, ps.get(evaluator), evaluator in SAFETY)
+            line = row(label(evaluator, primary), c, names, ps.get(evaluator), lower_is_better(evaluator))
         else:
             line = [label(evaluator, primary), number(c.means[0])]
         lines.append(line + [scored])
@@ -145,14 +145,23 @@ def sides(endpoints) -> str:
 
 
 def report(results: dict[str, dict], endpoints, how: Scoring, seconds: dict[str, float], show: int, primary: str,
-           smallest: float | None = None) -> tuple[str, dict[str, Comparison], list[dict]]:
-    """The text the learner reads, the comparisons, and the questions that differ most."""
+           smallest: float | None = None, adversarial: dict[str, dict] | None = None
+           ) -> tuple[str, dict[str, Comparison], list[dict]]:
+    """The text the learner reads, the comparisons (the safety metrics on `adversarial`'s answers, when given, as
+    adversarial.<harm>), and the questions that differ most."""
     names = list(results)
     found = comparisons(results, how, primary)
+    if adversarial:
+        found.update({f"adversarial.{ev}": c for ev, c in comparisons(adversarial, safety_only(how), primary).items()})
     parts = [sides(endpoints), "", table(found, names, primary)]
+    if adversarial:
+        asked = next(c.asked for ev, c in found.items() if ev.startswith("adversarial."))
+        parts.append(f"The adversarial rows: {asked} questions made by the Azure AI project's safety service "
+                     "(azure-ai-evaluation's AdversarialSimulator, ADVERSARIAL_QA), asked of each model; the rows on "
+                     "test questions: the harmless questions of the test data.")
     if len(names) == 2:
         parts += how_to_read(found, primary) + power(found, primary, smallest)
-    for name, result in results.items():
+    for name, result in [*results.items(), *((n + " (adversarial)", r) for n, r in (adversarial or {}).items())]:
         parts += [f"{name}: {LABELS.get(ev, ev)} failed, first error: {error}" for ev, error in result["errors"].items()]
     differences = largest_differences(results, show) if len(names) == 2 else []
     if differences:
@@ -164,7 +173,8 @@ def report(results: dict[str, dict], endpoints, how: Scoring, seconds: dict[str,
         parts.append(f"Azure OpenAI tokens used by the AI-assisted evaluators: {tokens['prompt']:,} prompt, "
                      f"{tokens['completion']:,} completion")
     parts += [f"Note: {line}" for line in how.left_out]
-    parts += [f"Logged to the Azure AI project: {r['studio_url']}" for r in results.values() if r.get("studio_url")]
+    parts += [f"Logged to the Azure AI project: {r['studio_url']}" for r in [*results.values(), *(adversarial or {}).values()]
+              if r.get("studio_url")]
     return "\n".join(parts), found, differences
 
 

@@ -40,6 +40,8 @@ LABELS = {
     "self_harm": "self-harm (defect rate, test questions)", "hate_unfairness": "hate/unfairness (defect rate, test questions)",
     "violence": "violence (defect rate, test questions)", "sexual": "sexual (defect rate, test questions)",
 }
+# The same evaluators on the answers to adversarial questions (chat_evaluation/adversarial.py).
+LABELS.update({f"adversarial.{name}": LABELS[name].replace("test questions", "adversarial") for name in SAFETY})
 SUMMARY_HEADING = "======= Combined Run Summary (Per Evaluator) ======="
 
 
@@ -53,6 +55,11 @@ class Scoring:
     credential: object
     left_out: list[str]  # what was left out, and other notes printed under the table
     safety_level: int = SAFETY_LEVELS["medium"]
+
+
+def lower_is_better(evaluator: str) -> bool:
+    """A safety defect rate, on the test questions or the adversarial ones."""
+    return evaluator.removeprefix("adversarial.") in SAFETY
 
 
 def nltk_data_present() -> bool:
@@ -199,9 +206,15 @@ def scoring(safety_threshold: str = "medium") -> Scoring:
         credential = credential or azure_credential()
         evaluators.update(safety_evaluators(project, credential, level))
     else:
-        left_out.append("self-harm, hate/unfairness, violence, sexual left out: no Azure AI project in .env "
-                        "(AZURE_AI_PROJECT)")
+        left_out.append("self-harm, hate/unfairness, violence, sexual left out, on the test questions and on "
+                        "adversarial ones: no Azure AI project in .env (AZURE_AI_PROJECT)")
     return Scoring(evaluators, evaluator_config, project, credential, left_out, level)
+
+
+def safety_only(how: Scoring) -> Scoring:
+    """The same Scoring with the safety evaluators alone: for the answers to adversarial questions."""
+    return Scoring({name: ev for name, ev in how.evaluators.items() if name in SAFETY}, {}, how.project, how.credential,
+                   [], how.safety_level)
 
 
 @contextlib.contextmanager

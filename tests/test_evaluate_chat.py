@@ -182,7 +182,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # trust the stand-in's certificate
         monkeypatch.setenv("AZURE_AI_PROJECT", project.endpoint)
         monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
-        results = run(tmp_path, "--test-data", chats, "--questions", 2)
+        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--adversarial", 0)
     finally:
         project.close()
     metrics = results["evaluate_metrics"]["fine-tuned"]
@@ -237,7 +237,8 @@ def test_a_hub_based_project_judges_safety_at_the_threshold_and_logs_to_its_run_
         monkeypatch.setattr(scoring.config, "AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
         monkeypatch.setattr(scoring.config, "AZURE_RESOURCE_GROUP_NAME", GROUP)
         monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
-        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--safety-threshold", "low")
+        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--safety-threshold", "low",
+                      "--adversarial", 0)
     finally:
         project.close()
     printed = capsys.readouterr().out

@@ -23,7 +23,8 @@ def test_each_conversations_loss_is_the_models_own_loss(tiny_model_dir):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Who founded Microsoft?"},
                                           {"role": "assistant", "content": "Bill Gates and Paul Allen."}], tokenize=False)
     (ids,) = evaluation.conversation_ids([text], tokenizer, max_length=256)
-    assert ids[-1] == tokenizer.eos_token_id and ids == tokenizer(text=text + tokenizer.eos_token)["input_ids"]
+    ending = "" if text.endswith(tokenizer.eos_token) else tokenizer.eos_token  # TRL appends EOS when missing
+    assert ids[-1] == tokenizer.eos_token_id and ids == tokenizer(text=text + ending)["input_ids"]
     (loss, short) = evaluation.conversation_losses(evaluation.torch_logits(model), [ids, ids[:1]])
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()  # transformers' own
