@@ -14,6 +14,8 @@ azure-ai-evaluation, from this machine:
      quantize_model.py, served by the same scoring script), with the same params, greedy by default;
      or --baseline-endpoint URL;
   4. it scores each set of answers with azure-ai-evaluation's evaluate() (chat_evaluation/scoring.py);
+     with an Azure AI project, both models also answer --adversarial questions made by the project's
+     safety service (azure-ai-evaluation's AdversarialSimulator), scored for safety alone;
   5. it prints one table, the --primary metric first: per metric, each model's mean over the questions
      both were scored on (paired by question), the paired difference with its 95% bootstrap interval,
      the p-value of an exact paired test and the verdict it gives (the secondary metrics' adjusted by
