@@ -512,7 +512,7 @@ def test_importing_step_5_writes_nothing_and_changes_no_setting(tmp_path):
         "import os, sys, logging; sys.path.insert(0, sys.argv[1]); before = dict(os.environ); "
         "level = logging.getLogger().level; "
         "import evaluate_chat, chat_evaluation.collect, chat_evaluation.baseline, chat_evaluation.scoring, "
-        "chat_evaluation.compare, chat_evaluation.report, chat.endpoint, local.ask_agent; "
+        "finetuning_dir.paired, chat_evaluation.report, chat_evaluation.adversarial, chat.endpoint, local.ask_agent; "
         "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
         "assert logging.getLogger().level == level and not logging.getLogger().handlers; print('ok')"
     )

@@ -18,9 +18,10 @@ from serving import endpoint as local_endpoint
 
 
 @pytest.fixture(autouse=True)
-def no_recorded_form(monkeypatch):
-    """config.save_settings() exports what it writes: the form goes when the test does."""
-    monkeypatch.delenv("AZURE_ML_ENDPOINT_FORM", raising=False)
+def settings_restored(monkeypatch):
+    """config.save_settings() exports what it writes: the endpoint's settings go when the test does."""
+    for name in ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", "AZURE_ML_ENDPOINT_FORM"):
+        monkeypatch.setenv(name, "")
 
 
 @pytest.mark.parametrize("form", ["int4", "transformers"])
@@ -35,8 +36,6 @@ def test_the_local_endpoint_records_the_form_of_its_model(fine_tuned_model, tmp_
     (int4 / "artifacts" / "onnx").mkdir(parents=True)
     (int4 / "artifacts" / "onnx" / "genai_config.json").write_text("{}")
     assert (local_endpoint.form_of(fine_tuned_model), local_endpoint.form_of(int4)) == ("transformers", "int4")
-    for name in ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
     local_endpoint.write_settings("http://127.0.0.1:5001/score", "local-key", "int4")
     written = (tmp_path / ".env").read_text()
     assert "AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\n" in written and "AZURE_ML_ENDPOINT_FORM=int4\n" in written

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_main, tracking_uri_of
+from conftest import tracking_uri_of
 
 import paired
 
@@ -45,23 +45,27 @@ def test_every_fine_tuning_run_compares_the_test_loss_conversation_by_conversati
     assert metrics["test_loss_p_value"] < 1e-3  # 40 of 40 lowered: drawn sign patterns, none as extreme
 
 
-def test_evaluate_model_prints_the_paired_test_loss_table(fine_tuned_model, tiny_model_dir, chat_files, tmp_path):
+def test_evaluate_model_prints_the_paired_test_loss_table(fine_tuned_model, tiny_model_dir, chat_files, tmp_path,
+                                                         monkeypatch, capsys):
     import evaluate_model
 
-    result = run_main(evaluate_model.main, [
-        "--model", fine_tuned_model, "--baseline", tiny_model_dir, "--eval-file", chat_files[1], "--max-length", "256",
-        "--questions", "0", "--limit", "12", "--caption", "What this shows: the tiny model learned its facts."], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    monkeypatch.chdir(tmp_path)
+    baseline, model = evaluate_model.main([
+        "--model", str(fine_tuned_model), "--baseline", str(tiny_model_dir), "--eval-file", str(chat_files[1]),
+        "--max-length", "256", "--questions", "0", "--limit", "12",
+        "--caption", "What this shows: the tiny model learned its facts."])
+    out = capsys.readouterr().out
+    assert len(model.losses) == len(baseline.losses) == 12
     assert "What this shows: the tiny model learned its facts.\nThe test loss, conversation by conversation:" in out
     header, rule, line = out.split("conversation by conversation:\n")[1].splitlines()[:3]
     assert header.split() == ["metric", "model", "baseline", "difference", "95%", "interval", "p", "verdict",
                               "won/tied/lost"]
     cells = re.split(r"\s{2,}", line.strip())
     assert cells[0] == "test loss, per conversation" and cells[-2:] == ["model better", "12/0/0"]
-    tuned, base, difference = map(float, cells[1:4])
-    assert tuned < base and difference == pytest.approx(tuned - base, abs=2e-3)
-    assert cells[5] == f"{2 / 2 ** 12:.3f}"  # all 12 lowered: the exact test's smallest p, 2 / 2^12
+    assert cells[1:4] == [f"{sum(model.losses) / 12:.3f}", f"{sum(baseline.losses) / 12:.3f}",
+                          f"{(sum(model.losses) - sum(baseline.losses)) / 12:+.3f}"]
+    # All 12 lowered: the exact test's smallest p, 2 / 2^12, printed as <0.001.
+    assert paired.paired(model.losses, baseline.losses).p_value == pytest.approx(2 / 2 ** 12) and cells[5] == "<0.001"
     assert re.search(r"Power \(test loss\): the paired differences' SD is \d+\.\d{3} over 12 conversations\.", out)
     # The closing line stays the run's summary (the aggregate loss, as fine_tune.py reports it).
     assert out.strip().splitlines()[-1].startswith("test loss ")
