@@ -71,7 +71,7 @@ def test_defects_are_compared_by_an_exact_mcnemar_test():
 def test_holms_correction_and_the_questions_needed():
     assert compare.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
     assert compare.holm({"a": 0.5, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})
-    # The figures: SD 0.08 on F1; a difference of 0.01 needs ((1.96 + 0.84) * 0.08 / 0.01)^2 questions.
+    # docs/evaluation.md's figures: SD 0.08 on F1; a difference of 0.01 needs ((1.96 + 0.84) * 0.08 / 0.01)^2 questions.
     z = 1.959964 + 0.841621
     assert compare.questions_needed(0.08, 0.01) == math.ceil((z * 8) ** 2) == 503
     assert compare.questions_needed(0.08, -0.03) == 56
