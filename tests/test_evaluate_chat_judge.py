@@ -39,17 +39,22 @@ def test_without_a_key_the_judge_is_signed_in_to_with_entra_id(offline, stand_in
 
 
 @pytest.mark.parametrize("deployment, setting, reasoning", [
-    ("o3-mini", None, True), ("gpt-5-mini", None, True), ("judge-gpt-4o", None, False),
+    ("o3-mini", None, True), ("gpt-5-mini", None, True), ("judge-gpt-4o", None, False), ("gpt-4o-mini", None, False),
     ("my-judge", "true", True), ("o3-mini", "false", False),
 ])
+def test_a_reasoning_judge_is_known_by_its_name_or_the_setting(monkeypatch, deployment, setting, reasoning):
+    if setting:
+        monkeypatch.setenv("AZURE_OPENAI_REASONING_MODEL", setting)
+    assert scoring.is_reasoning_model(deployment) is reasoning
+
+
+@pytest.mark.parametrize("deployment, reasoning", [("o3-mini", True), ("judge-gpt-4o", False)])
 def test_a_reasoning_judge_gets_no_temperature_nor_max_tokens(offline, stand_in, chats, monkeypatch, tmp_path,
-                                                              deployment, setting, reasoning):
+                                                              deployment, reasoning):
     judge = AzureOpenAIStandIn()
     try:
         use_endpoint(monkeypatch, stand_in(OK).url)
         use_judge(monkeypatch, judge, deployment, key=judge.key)
-        if setting:
-            monkeypatch.setenv("AZURE_OPENAI_REASONING_MODEL", setting)
         run(tmp_path, "--test-data", chats, "--questions", 1, "--primary", "similarity")
     finally:
         judge.close()
