@@ -190,16 +190,16 @@ def set_traffic_to_deployment(ml_client, endpoint_name, deployment_name):
     return updated
 
 
-def save_endpoint_settings(ml_client, endpoint_name):
-    """Write the scoring URI and primary key into .env for the Prompt flow."""
+def save_endpoint_settings(ml_client, endpoint_name, form):
+    """Write the scoring URI and primary key into .env for the Prompt flow, and the form for step 5."""
     try:
         scoring_uri = ml_client.online_endpoints.get(name=endpoint_name).scoring_uri
     except ResourceNotFoundError:
         sys.exit(f"deploy_model.py: no endpoint named '{endpoint_name}' in this workspace; deploy one first with "
                  "`python deploy_model.py`, or check AZURE_ENDPOINT_NAME")
     key = ml_client.online_endpoints.get_keys(name=endpoint_name).primary_key
-    path = config.save_settings(AZURE_ML_ENDPOINT=scoring_uri, AZURE_ML_API_KEY=key)
-    print(f"Scoring URI: {scoring_uri}\nWrote AZURE_ML_ENDPOINT and AZURE_ML_API_KEY to {path}")
+    path = config.save_settings(AZURE_ML_ENDPOINT=scoring_uri, AZURE_ML_API_KEY=key, AZURE_ML_ENDPOINT_FORM=form)
+    print(f"Scoring URI: {scoring_uri}\nWrote AZURE_ML_ENDPOINT, AZURE_ML_API_KEY and AZURE_ML_ENDPOINT_FORM to {path}")
 
 
 def delete_endpoint(ml_client, endpoint_name):
@@ -225,7 +225,7 @@ def main(argv=None):
 
         return serve_local(args.model_dir, args.port, folder=FORMS[args.form].local_folder)
     if args.connect:
-        return save_endpoint_settings(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME)
+        return save_endpoint_settings(get_ml_client("AZURE_ENDPOINT_NAME"), config.AZURE_ENDPOINT_NAME, args.form)
     if args.delete:
         ml_client = get_ml_client("AZURE_ENDPOINT_NAME")
         name = rehearsal.endpoint_name(config.AZURE_ENDPOINT_NAME) if args.rehearsal else config.AZURE_ENDPOINT_NAME
@@ -262,7 +262,7 @@ def main(argv=None):
         print(f"\nThe rehearsal passed. --keep: endpoint {endpoint_name} stays up.")
         print_what_still_bills(ml_client, endpoint_name, delete_command(True))
     else:
-        save_endpoint_settings(ml_client, endpoint_name)
+        save_endpoint_settings(ml_client, endpoint_name, args.form)
         print_endpoint_bill(ml_client, endpoint_name, delete_command(False))
     return answer
 

@@ -14,10 +14,15 @@ azure-ai-evaluation, from this machine:
      quantize_model.py, served by the same scoring script), with the same params, greedy by default;
      or --baseline-endpoint URL;
   4. it scores each set of answers with azure-ai-evaluation's evaluate() (chat_evaluation/scoring.py);
-  5. it prints one table: per metric, each model's mean over the questions both were scored on, the
-     paired difference with its 95% bootstrap interval ("within noise" when it spans 0), the questions
-     won, tied and lost, and how many each model was scored on; then the answers that differ most.
-     Everything goes to outputs/evaluations/<time>/ and to an MLflow run.
+     with an Azure AI project, both models also answer --adversarial questions made by the project's
+     safety service (azure-ai-evaluation's AdversarialSimulator), scored for safety alone;
+  5. it prints one table, the --primary metric first: per metric, each model's mean over the questions
+     both were scored on (paired by question), the paired difference with its 95% bootstrap interval,
+     the p-value of an exact paired test and the verdict it gives (the secondary metrics' adjusted by
+     Holm's method; "too few questions to tell" below 6 questions), the questions won, tied and lost;
+     under it, the spread of the primary metric's differences and the questions a clear answer would
+     take; then the answers that differ most. Everything goes to outputs/evaluations/<time>/ and to an
+     MLflow run.
 
 Answers are appended to answers-<name>.jsonl as they arrive. A run stopped by an error, Ctrl-C or SIGTERM
 keeps them (and stops a served baseline); the same command continues it (--fresh starts over).
@@ -39,14 +44,18 @@ import sys
 from pathlib import Path
 
 import config
-from chat_evaluation import EvaluationStopped, baseline, collect, report, scoring
-from chat_evaluation.collect import Endpoint, display
+from chat_evaluation import EvaluationStopped, adversarial, baseline, collect, report, scoring
+from chat_evaluation.collect import ChatUnderTest, display
+from finetuning_dir.paired import MIN_QUESTIONS
 from serving.forms import FORMS
 
 ROOT = Path(__file__).resolve().parent
 OUTPUTS = ROOT / "outputs"
-DEFAULT_QUESTIONS = 20
+# Enough to tell an F1 difference of about 0.03 (at a per-question SD of 0.08, 8 times in 10), in about 6 minutes
+# of answers per model in the int4 form: docs/evaluation.md, "How many questions".
+DEFAULT_QUESTIONS = 50
 SHOW_DIFFERENCES = 3
+DEFAULT_ADVERSARIAL = 20
 
 
 def parse_args(argv=None):
@@ -54,6 +63,13 @@ def parse_args(argv=None):
     parser.add_argument("--questions", default=str(DEFAULT_QUESTIONS),
                         help=f"how many questions of the test data to ask, from the first, or 'all' (default: "
                              f"{DEFAULT_QUESTIONS}; fewer when the data has fewer)")
+    parser.add_argument("--primary", default="f1_score",
+                        help="the metric the verdict rests on, named before the run and shown first; the others are "
+                             "secondary, their p-values adjusted by Holm's method (default: f1_score; e.g. similarity, "
+                             "with a judge)")
+    parser.add_argument("--smallest-difference", type=float, default=None,
+                        help="the smallest difference in the primary metric that matters to you: the table then says "
+                             "how many questions would tell it (default: the difference observed)")
     parser.add_argument("--test-data", default=config.TEST_DATA_PATH,
                         help=f"the chat JSONL file the questions and reference answers come from (default: "
                              f"TEST_DATA_PATH, {config.TEST_DATA_PATH})")
@@ -65,10 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-endpoint", metavar="URL",
                         help="the model to compare with, at another endpoint with the same /score contract; its key is "
                              "AZURE_ML_BASELINE_API_KEY (environment or .env)")
-    parser.add_argument("--form", choices=sorted(FORMS), default="int4",
-                        help="the form the fine-tuned endpoint serves (deploy_model.py --form); questions go to it as "
-                             "many at a time as that form answers best (serving/forms.py: int4 6, answered together; "
-                             "transformers 1, answered in turn) (default: int4)")
+    parser.add_argument("--form", choices=sorted(FORMS), default=None,
+                        help="the form the fine-tuned endpoint serves; questions go to it as many at a time as that form "
+                             "answers best (serving/forms.py: int4 6, answered together; transformers 1, answered in "
+                             "turn) (default: AZURE_ML_ENDPOINT_FORM, which deploy_model.py writes to .env, else int4)")
     parser.add_argument("--baseline-form", choices=sorted(FORMS), default=None,
                         help="the form the baseline is served or deployed in (default: --form's, like against like; "
                              "another is named as such in the table)")
@@ -89,6 +105,10 @@ def parse_args(argv=None):
                         help="the harm severity from which an answer counts as a defect in the safety metrics, as Azure "
                              "AI Foundry's evaluation names it (low: 2+, medium: 4+, high: 6+ on 0-7; default: medium, "
                              "the Cookbook's)")
+    parser.add_argument("--adversarial", type=int, default=DEFAULT_ADVERSARIAL,
+                        help=f"with an Azure AI project in .env: adversarial questions from azure-ai-evaluation's "
+                             f"AdversarialSimulator asked of both models, their answers scored for safety (default: "
+                             f"{DEFAULT_ADVERSARIAL}; 0: none)")
     parser.add_argument("--show", type=int, default=SHOW_DIFFERENCES,
                         help=f"how many of the questions on which the two differ most to print (default: {SHOW_DIFFERENCES})")
     parser.add_argument("--caption", default=None, help="a line printed under the table's heading (what it shows)")
@@ -105,11 +125,25 @@ def parse_args(argv=None):
                         ("--show", args.show + 1)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be 1 or more")
+    if args.adversarial < 0:
+        parser.error("--adversarial must be 0 or more")
+    if args.smallest_difference is not None and args.smallest_difference == 0:
+        parser.error("--smallest-difference must not be 0")
+    args.form = args.form or recorded_form(parser)
     args.baseline_form = args.baseline_form or args.form
     return args
 
 
-def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
+def recorded_form(parser) -> str:
+    """The form deploy_model.py recorded for the endpoint in .env (AZURE_ML_ENDPOINT_FORM), else int4."""
+    form = config.current_setting("AZURE_ML_ENDPOINT_FORM").strip() or "int4"
+    if form not in FORMS:
+        parser.error(f"AZURE_ML_ENDPOINT_FORM in .env is '{form}', not one of {', '.join(sorted(FORMS))}: redeploy, or "
+                     "pass --form")
+    return form
+
+
+def endpoints_to_ask(args) -> tuple[list[ChatUnderTest], float]:
     """The fine-tuned endpoint and the baseline's, with the same params (a served baseline's URL and key come once
     it is live); the chat's own settings, checked as the chat checks them."""
     from chat.endpoint_client import EndpointError, endpoint_settings
@@ -120,7 +154,7 @@ def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
         url, key, timeout, params = endpoint_settings(temperature, args.max_new_tokens)
     except EndpointError as e:
         raise EvaluationStopped(str(e)) from None
-    fine_tuned = Endpoint("fine-tuned", url, key, args.concurrency or FORMS[args.form].questions_at_once, url,
+    fine_tuned = ChatUnderTest("fine-tuned", url, key, args.concurrency or FORMS[args.form].questions_at_once, url,
                           args.form, "the fine-tuned model at AZURE_ML_ENDPOINT", params)
     endpoints = [fine_tuned]
     concurrency = args.baseline_concurrency or FORMS[args.baseline_form].questions_at_once
@@ -128,17 +162,17 @@ def endpoints_to_ask(args) -> tuple[list[Endpoint], float]:
         key = scoring.configured("AZURE_ML_BASELINE_API_KEY")
         if key is None:
             raise EvaluationStopped("--baseline-endpoint needs its key: set AZURE_ML_BASELINE_API_KEY in .env or export it")
-        endpoints.append(Endpoint("baseline", args.baseline_endpoint, key, concurrency, args.baseline_endpoint,
+        endpoints.append(ChatUnderTest("baseline", args.baseline_endpoint, key, concurrency, args.baseline_endpoint,
                                   args.baseline_form, f"the model at {args.baseline_endpoint}", params))
     elif args.baseline:
         model = str(Path(args.baseline).resolve()) if Path(args.baseline).exists() else args.baseline
-        endpoints.append(Endpoint("baseline", "", "", concurrency, f"served here ({args.baseline_form}): {model}",
+        endpoints.append(ChatUnderTest("baseline", "", "", concurrency, f"served here ({args.baseline_form}): {model}",
                                   args.baseline_form, model, params))
     return endpoints, timeout
 
 
 @contextlib.contextmanager
-def asked_through(chat: str, endpoint: Endpoint, timeout: float, run_dir: Path):
+def asked_through(chat: str, endpoint: ChatUnderTest, timeout: float, run_dir: Path):
     """For the block, `endpoint` is asked through the Agent Framework chat (served for it) when --chat agent."""
     if chat == "flow":
         yield
@@ -156,21 +190,22 @@ def asked_through(chat: str, endpoint: Endpoint, timeout: float, run_dir: Path):
         endpoint.through = None
 
 
-def collect_all(args, endpoints, questions, run_dir, timeout) -> dict[str, float]:
-    """Every endpoint's answers; a --baseline is served for as long as it is asked, and stopped however that ends."""
+def collect_all(args, endpoints, question_sets: dict[str, list], run_dir, timeout) -> dict[str, float]:
+    """Every endpoint's answers to each set of questions (by the suffix of its answers files: "" for the test
+    questions); a --baseline is served for as long as it is asked, and stopped however that ends."""
     seconds = {}
     for endpoint in endpoints:
-        answers = run_dir / f"answers-{endpoint.name}.jsonl"
-        if len(collect.kept_answers(answers)) == len(questions):
-            seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
-            continue
+        files = {run_dir / f"answers-{endpoint.name}{suffix}.jsonl": asked for suffix, asked in question_sets.items() if asked}
+        answered = all(len(collect.kept_answers(path)) == len(asked) for path, asked in files.items())
         with contextlib.ExitStack() as serving:
-            if not endpoint.url:
+            if not answered and not endpoint.url:
                 cache = args.out / "baseline-models"
                 model_dir = baseline.in_form(baseline.mlflow_model(args.baseline, cache), endpoint.form, cache)
                 endpoint.url, endpoint.key = serving.enter_context(baseline.served(model_dir, endpoint.form, run_dir))
-            serving.enter_context(asked_through(args.chat, endpoint, timeout, run_dir))
-            seconds[endpoint.name] = collect.collect_answers(endpoint, questions, answers, timeout)
+            if not answered:
+                serving.enter_context(asked_through(args.chat, endpoint, timeout, run_dir))
+            seconds[endpoint.name] = sum(collect.collect_answers(endpoint, asked, path, timeout)
+                                         for path, asked in files.items())
     return seconds
 
 
@@ -179,15 +214,29 @@ def evaluate_chat(args) -> Path:
     endpoints, timeout = endpoints_to_ask(args)
     questions = collect.load_questions(args.test_data, None if args.questions == "all" else int(args.questions))
     how = scoring.scoring(args.safety_threshold)  # settings checked before any question is sent
-    settings = {**collect.run_settings(args.test_data, questions, endpoints), "chat": args.chat}
+    if args.primary not in how.evaluators:
+        raise EvaluationStopped(f"--primary {args.primary}: not among this run's metrics ({', '.join(how.evaluators)}); "
+                                "see the notes on what was left out in docs/evaluation.md, or name another")
+    if len(endpoints) == 2 and len(questions) < MIN_QUESTIONS:
+        print(f"With {len(questions)} questions no paired test can reach p < 0.05 (it takes {MIN_QUESTIONS}): the "
+              "verdicts will read 'too few questions to tell'.")
+    print(collect.time_estimate(endpoints, len(questions)), flush=True)
+    wanted = args.adversarial if how.project else 0  # the safety service makes them: a project is needed
+    settings = {**collect.run_settings(args.test_data, questions, endpoints), "chat": args.chat,
+                **({"adversarial": wanted} if wanted else {})}
     run_dir = collect.open_run(args.out, settings, args.fresh)
-    seconds = collect_all(args, endpoints, questions, run_dir, timeout)
+    hostile = adversarial.adversarial_questions(how.project, how.credential, wanted, run_dir) if wanted else []
+    seconds = collect_all(args, endpoints, {"": questions, adversarial.SUFFIX: hostile}, run_dir, timeout)
     results = {e.name: scoring.score(e.name, run_dir / f"answers-{e.name}.jsonl", run_dir, how) for e in endpoints}
-    text, found, differences = report.report(results, endpoints, how, seconds, args.show)
+    safety = scoring.safety_only(how)
+    hostile_results = {e.name: scoring.score(e.name + adversarial.SUFFIX, run_dir / f"answers-{e.name}{adversarial.SUFFIX}.jsonl",
+                                             run_dir, safety) for e in endpoints} if hostile else {}
+    text, found, differences = report.report(results, endpoints, how, seconds, args.show, args.primary,
+                                             args.smallest_difference, hostile_results)
     heading = f"== {len(questions)} questions of {args.test_data}" + (f"\n{args.caption}" if args.caption else "")
     print(f"\n{heading}\n{text}")
     (run_dir / "table.txt").write_text(f"{heading}\n{text}\n", encoding="utf-8")
-    report.write_results(run_dir, settings, results, found, endpoints, how, seconds, differences)
+    report.write_results(run_dir, settings, results, found, endpoints, how, seconds, differences, args.primary)
     from local import mlflow_store
 
     store = mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts") if "MLFLOW_TRACKING_URI" not in os.environ else {}

@@ -1,7 +1,10 @@
 """The questions, the run folder, and the answers: asked as the chat asks, kept as they arrive."""
 
+import io
 import json
+import math
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -9,14 +12,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from tqdm import tqdm
+
 from chat.endpoint_client import EndpointError
 from chat_evaluation import EvaluationStopped
+from finetuning_dir.chat_data import ChatDataError, check_jsonl_file, read_questions
+
+# Seconds an answer of MEASURED_TOKENS new tokens takes, by form, on 2 vCPUs (BENCHMARKS.md section 8, the
+# Phi-3.5-mini-sized model): int4 answers the 6 it admits together in 43.4 s, transformers (bf16) one in 72.1 s.
+ANSWER_SECONDS = {"int4": 43.4 / 6, "transformers": 72.1}
+MEASURED_TOKENS = 128
 
 
 @dataclass
-class Endpoint:
-    """Where one model's answers come from, and what they are: `identity` names it across reruns (a served model's
-    port changes); `form` and `model` say what answers, for the table and the results."""
+class ChatUnderTest:
+    """One model whose answers are evaluated, and where they come from: `url` is its scoring endpoint; `identity`
+    names it across reruns (a served model's port changes); `form` and `model` say what answers, for the table
+    and the results."""
 
     name: str
     url: str
@@ -29,7 +41,7 @@ class Endpoint:
     through: object = None  # a served chat's ask(question), when the questions go through one
 
 
-def chat_settings(endpoint: Endpoint, timeout: float) -> dict:
+def chat_settings(endpoint: ChatUnderTest, timeout: float) -> dict:
     """The chat's settings (.env's names) that make a chat server ask `endpoint` as the flow's call does."""
     greedy = not endpoint.params.get("do_sample", True)
     return {"AZURE_ML_ENDPOINT": endpoint.url, "AZURE_ML_API_KEY": endpoint.key, "AZURE_ML_REQUEST_TIMEOUT": str(timeout),
@@ -47,9 +59,6 @@ def display(path: Path) -> str:
 
 def load_questions(path: str, count: int | None):
     """The first `count` questions of the test data (all with None) with their references; one line if unusable."""
-    from finetuning_dir.chat_data import ChatDataError, check_jsonl_file
-    from finetuning_dir.evaluation import read_questions
-
     try:
         check_jsonl_file(path)
     except ChatDataError as e:
@@ -63,7 +72,20 @@ def load_questions(path: str, count: int | None):
     return questions
 
 
-def run_settings(test_data: str, questions, endpoints: list[Endpoint]) -> dict:
+def estimated_seconds(chat: ChatUnderTest, count: int) -> float:
+    """About how long `count` answers take from `chat`, at the speed its form was measured at (2 vCPUs)."""
+    return count * ANSWER_SECONDS[chat.form] * chat.params.get("max_new_tokens", MEASURED_TOKENS) / MEASURED_TOKENS
+
+
+def time_estimate(chats: list[ChatUnderTest], count: int) -> str:
+    """The line printed before any question is sent: how long the answers will take, per model."""
+    each = [f"{c.name} {math.ceil(estimated_seconds(c, count) / 60)} min ({c.form}, {c.concurrency} at a time)"
+            for c in chats]
+    return (f"Asking {count} questions of each model: about {' and '.join(each)}, at the speed measured on 2 vCPUs "
+            "(BENCHMARKS.md section 8; a GPU or Azure's VM is faster).")
+
+
+def run_settings(test_data: str, questions, endpoints: list[ChatUnderTest]) -> dict:
     """What makes two runs the same run: a rerun with these settings continues an unfinished one."""
     return {
         "test_data": str(Path(test_data).resolve()),
@@ -115,17 +137,39 @@ def write_in_order(path: Path, answers: dict[int, dict]) -> None:
     os.replace(staging, path)
 
 
-def ask(endpoint: Endpoint, question: str, timeout: float) -> str:
+def ask(endpoint: ChatUnderTest, question: str, timeout: float) -> str:
     """One question, alone, as the chat's first turn sends it: through a served chat, or with the call the Prompt
     flow's tool makes (chat/endpoint_client.py)."""
-    from chat import endpoint_client as model
+    from chat.endpoint_client import phi3_prompt, query_azml_endpoint
 
     if endpoint.through is not None:
         return endpoint.through(question)
-    return model.query_azml_endpoint(model.phi3_prompt(question), endpoint.url, endpoint.key, timeout, endpoint.params)
+    return query_azml_endpoint(phi3_prompt(question), endpoint.url, endpoint.key, timeout, endpoint.params)
 
 
-def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -> float:
+class LogLines(io.TextIOBase):
+    """Where tqdm writes when the output is not a terminal (a log file, a pipe): each refresh on a line of its
+    own, instead of over the last one with a carriage return."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        return len(text)
+
+
+def progress_bar(name: str, total: int, done: int) -> tqdm:
+    """One bar for a model's answers: redrawn in place on a terminal; in a log, a line at most every 15 s."""
+    terminal = sys.stdout.isatty()
+    return tqdm(total=total, initial=done, desc=f"{name} answers", unit="answer", file=sys.stdout if terminal
+                else LogLines(sys.stdout), mininterval=0.1 if terminal else 15, dynamic_ncols=terminal, ascii=not terminal)
+
+
+def collect_answers(endpoint: ChatUnderTest, questions, path: Path, timeout: float) -> float:
     """Ask every question not answered yet in `path`, `endpoint.concurrency` at a time, appending each answer as
     it arrives; return the seconds it took.
 
@@ -157,7 +201,7 @@ def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -
         return {"line": i, "query": questions[i].text, "ground_truth": questions[i].reference, "response": answer,
                 "seconds": round(time.monotonic() - asked, 3)}
 
-    def keep(future, out) -> None:
+    def keep(future, out, bar) -> None:
         nonlocal failure
         try:
             row = future.result()
@@ -169,21 +213,22 @@ def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -
         out.write(json.dumps(row) + "\n")
         out.flush()
         done[row["line"]] = row
-        print(f"  {endpoint.name}: {len(done)}/{len(questions)} answered ({row['seconds']:.1f} s)", flush=True)
+        bar.update()
 
-    with open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(endpoint.concurrency) as pool:
+    with (open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(endpoint.concurrency) as pool,
+          progress_bar(endpoint.name, len(questions), len(done)) as bar):
         futures, handled = [pool.submit(one, i) for i in todo], set()
         try:
             for future in as_completed(futures):  # only this thread writes: each answer is on disk at once
                 handled.add(future)
-                keep(future, out)
+                keep(future, out, bar)
         except BaseException:  # Ctrl-C or SIGTERM: nothing new is sent, what is in flight is kept
             stopping.set()
             left = [f for f in futures if f not in handled and not f.cancel()]
             if any(not f.done() for f in left):
-                print(f"\n{endpoint.name}: stopping; keeping the answers in flight as they come", flush=True)
+                bar.write(f"{endpoint.name}: stopping; keeping the answers in flight as they come")
             for future in as_completed(left):
-                keep(future, out)
+                keep(future, out, bar)
             raise
     if failure is not None:
         raise EvaluationStopped(

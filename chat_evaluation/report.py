@@ -5,51 +5,86 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from chat_evaluation.compare import Comparison, one_model, paired
-from chat_evaluation.scoring import AI_ASSISTED, LABELS, SAFETY, Scoring, row_values
+from finetuning_dir.paired import (
+    ALPHA, MIN_QUESTIONS, Comparison, aligned, columns, holm, number, one_model, paired, power_lines, row,
+)
+from finetuning_dir.paired import verdict as paired_verdict
+from chat_evaluation.scoring import AI_ASSISTED, LABELS, Scoring, lower_is_better, row_values, safety_only
 
 
-def comparisons(results: dict[str, dict], how: Scoring) -> dict[str, Comparison]:
-    """Per evaluator: both models question by question (or the one model alone)."""
+def comparisons(results: dict[str, dict], how: Scoring, primary: str) -> dict[str, Comparison]:
+    """Per evaluator, the primary metric first: both models question by question (or the one model alone)."""
     names = list(results)
     found = {}
-    for evaluator in how.evaluators:
-        values = [row_values(results[name], evaluator, how.safety_level) for name in names]
-        found[evaluator] = paired(*values) if len(names) == 2 else one_model(values[0])
+    for evaluator in sorted(how.evaluators, key=lambda name: name != primary):
+        keyed = [by_question(results[name], evaluator, how.safety_level) for name in names]
+        lines = sorted(set().union(*keyed))
+        values = [[scores.get(line) for line in lines] for scores in keyed]
+        found[evaluator] = paired(*values, binary=lower_is_better(evaluator)) if len(names) == 2 else one_model(values[0])
     return found
 
 
-def number(value: float | None, sign: bool = False) -> str:
-    return "no score" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
+def by_question(result: dict, evaluator: str, level: int) -> dict[int, float | None]:
+    """An evaluator's scores keyed by question (its number in the test data, the answers' `line`): the two
+    models' answers are paired by question, whatever order evaluate() returned its rows in."""
+    return {int(row.get("inputs.line", i)): value
+            for i, (row, value) in enumerate(zip(result["rows"], row_values(result, evaluator, level)))}
 
 
-def verdict(evaluator: str, c: Comparison, names: list[str]) -> str:
-    if c.difference is None:
-        return "n/a"
-    if c.within_noise:
-        return "within noise"
-    better = (c.difference < 0) if evaluator in SAFETY else (c.difference > 0)  # a defect rate: lower is better
-    return f"{names[0] if better else names[1]} better"
+def p_values(found: dict[str, Comparison], primary: str) -> dict[str, float]:
+    """Each metric's p-value as its verdict reads it: the primary metric's as it is, the secondary ones' adjusted
+    by Holm's method over them."""
+    secondary = {ev: c.p_value for ev, c in found.items() if ev != primary and c.p_value is not None}
+    first = {primary: found[primary].p_value} if primary in found and found[primary].p_value is not None else {}
+    return {**first, **holm(secondary)}
 
 
-def table(found: dict[str, Comparison], names: list[str]) -> str:
-    """Each metric: the models' means over the questions compared, the paired difference with its 95% interval,
-    the questions won, tied and lost, and how many each model was scored on."""
+def verdict(evaluator: str, c: Comparison, names: list[str], p: float | None) -> str:
+    return paired_verdict(c, names, p, lower_is_better(evaluator))  # a defect rate: lower is better
+
+
+def label(evaluator: str, primary: str) -> str:
+    return LABELS.get(evaluator, evaluator) + (" (primary)" if evaluator == primary else "")
+
+
+def table(found: dict[str, Comparison], names: list[str], primary: str) -> str:
+    """Each metric, the primary one first: the models' means over the questions compared, the paired difference
+    with its 95% interval, its p-value and verdict, the questions won, tied and lost, and how many each model was
+    scored on."""
     two = len(names) == 2
-    header = ["metric", *names] + (["difference", "95% interval", "verdict", "won/tied/lost"] if two else []) + ["scored"]
-    lines = [header]
+    lines = [(columns(names) if two else ["metric", *names]) + ["scored"]]
+    ps = p_values(found, primary)
     for evaluator, c in found.items():
         scored = ", ".join(f"{n}/{c.asked}" for n in c.scored[: len(names)])
-        line = [LABELS.get(evaluator, evaluator), *(number(m) for m in c.means[: len(names)])]
         if two:
-            interval = "n/a" if c.interval is None else f"[{c.interval[0]:+.3f}, {c.interval[1]:+.3f}]"
-            line += [number(c.difference, sign=True), interval, verdict(evaluator, c, names),
-                     f"{c.wins}/{c.ties}/{c.losses}"]
+            line = row(label(evaluator, primary), c, names, ps.get(evaluator), lower_is_better(evaluator))
+        else:
+            line = [label(evaluator, primary), number(c.means[0])]
         lines.append(line + [scored])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+    return aligned(lines)
+
+
+def how_to_read(found: dict[str, Comparison], primary: str) -> list[str]:
+    """The sentences under a two-model table: what the interval and p are, the secondary metrics' correction, and
+    why a run too small says nothing."""
+    lines = ["Means and differences are over the questions both were scored on; the interval (a 95% bootstrap) is "
+             "the size of the difference; p is the exact paired test's (sign-flip over the questions; McNemar for "
+             f"defect rates) and the verdict is its, at p < {ALPHA} (docs/evaluation.md)."]
+    secondary = [LABELS.get(ev, ev) for ev, c in found.items() if ev != primary and c.p_value is not None]
+    if secondary:
+        lines.append(f"Secondary metrics ({', '.join(secondary)}): p adjusted by Holm's method over the "
+                     f"{len(secondary)} of them; metrics that measure alike (the word-overlap ones: F1, ROUGE-L, BLEU, "
+                     "GLEU, METEOR) move together, so their agreement is not separate evidence.")
+    if any(c.too_few for c in found.values()):
+        lines.append(f"Too few questions to tell: with n questions no paired test can give p below 2/2^n, so fewer "
+                     f"than {MIN_QUESTIONS} can never show a difference at p < {ALPHA}; ask at least {MIN_QUESTIONS}.")
+    return lines
+
+
+def power(found: dict[str, Comparison], primary: str, smallest: float | None) -> list[str]:
+    """The questions needed to tell the primary metric's difference, under the table."""
+    c = found.get(primary)
+    return [] if c is None else power_lines(c, f"{LABELS.get(primary, primary)}, the primary metric", smallest)
 
 
 def shorten(text: str, limit: int = 200) -> str:
@@ -60,12 +95,13 @@ def shorten(text: str, limit: int = 200) -> str:
 def largest_differences(results: dict[str, dict], count: int) -> list[dict]:
     """The `count` questions whose F1 differs most between the two models, with both answers."""
     (first, a), (second, b) = results.items()
-    f1_a, f1_b = row_values(a, "f1_score", 0), row_values(b, "f1_score", 0)
+    rows_b = {int(row.get("inputs.line", i)): row for i, row in enumerate(b["rows"])}
+    f1_a, f1_b = by_question(a, "f1_score", 0), by_question(b, "f1_score", 0)
     pairs = [{"question": row_a["inputs.query"], "reference": row_a["inputs.ground_truth"],
-              first: row_a["inputs.response"], second: row_b["inputs.response"],
-              f"{first} F1": x, f"{second} F1": y, "line": i}
-             for i, (row_a, row_b, x, y) in enumerate(zip(a["rows"], b["rows"], f1_a, f1_b))
-             if x is not None and y is not None]
+              first: row_a["inputs.response"], second: rows_b[line]["inputs.response"],
+              f"{first} F1": f1_a[line], f"{second} F1": f1_b[line], "line": line}
+             for line, row_a in ((int(row.get("inputs.line", i)), row) for i, row in enumerate(a["rows"]))
+             if f1_a.get(line) is not None and f1_b.get(line) is not None]
     return sorted(pairs, key=lambda p: -abs(p[f"{first} F1"] - p[f"{second} F1"]))[:count]
 
 
@@ -108,16 +144,24 @@ def sides(endpoints) -> str:
     return "\n".join(lines)
 
 
-def report(results: dict[str, dict], endpoints, how: Scoring, seconds: dict[str, float], show: int
+def report(results: dict[str, dict], endpoints, how: Scoring, seconds: dict[str, float], show: int, primary: str,
+           smallest: float | None = None, adversarial: dict[str, dict] | None = None
            ) -> tuple[str, dict[str, Comparison], list[dict]]:
-    """The text the learner reads, the comparisons, and the questions that differ most."""
+    """The text the learner reads, the comparisons (the safety metrics on `adversarial`'s answers, when given, as
+    adversarial.<harm>), and the questions that differ most."""
     names = list(results)
-    found = comparisons(results, how)
-    parts = [sides(endpoints), "", table(found, names)]
+    found = comparisons(results, how, primary)
+    if adversarial:
+        found.update({f"adversarial.{ev}": c for ev, c in comparisons(adversarial, safety_only(how), primary).items()})
+    parts = [sides(endpoints), "", table(found, names, primary)]
+    if adversarial:
+        asked = next(c.asked for ev, c in found.items() if ev.startswith("adversarial."))
+        parts.append(f"The adversarial rows: {asked} questions made by the Azure AI project's safety service "
+                     "(azure-ai-evaluation's AdversarialSimulator, ADVERSARIAL_QA), asked of each model; the rows on "
+                     "test questions: the harmless questions of the test data.")
     if len(names) == 2:
-        parts.append("Means and differences are over the questions both were scored on; the interval is a 95% "
-                     "bootstrap over them: one that spans 0 is within noise (docs/evaluation.md).")
-    for name, result in results.items():
+        parts += how_to_read(found, primary) + power(found, primary, smallest)
+    for name, result in [*results.items(), *((n + " (adversarial)", r) for n, r in (adversarial or {}).items())]:
         parts += [f"{name}: {LABELS.get(ev, ev)} failed, first error: {error}" for ev, error in result["errors"].items()]
     differences = largest_differences(results, show) if len(names) == 2 else []
     if differences:
@@ -129,7 +173,8 @@ def report(results: dict[str, dict], endpoints, how: Scoring, seconds: dict[str,
         parts.append(f"Azure OpenAI tokens used by the AI-assisted evaluators: {tokens['prompt']:,} prompt, "
                      f"{tokens['completion']:,} completion")
     parts += [f"Note: {line}" for line in how.left_out]
-    parts += [f"Logged to the Azure AI project: {r['studio_url']}" for r in results.values() if r.get("studio_url")]
+    parts += [f"Logged to the Azure AI project: {r['studio_url']}" for r in [*results.values(), *(adversarial or {}).values()]
+              if r.get("studio_url")]
     return "\n".join(parts), found, differences
 
 
@@ -139,12 +184,16 @@ def unscored(found: dict[str, Comparison], names: list[str]) -> list[str]:
 
 
 def write_results(run_dir: Path, settings: dict, results: dict, found: dict, endpoints, how: Scoring,
-                  seconds: dict, differences: list[dict]) -> None:
+                  seconds: dict, differences: list[dict], primary: str) -> None:
+    names, ps = list(results), p_values(found, primary)
     (run_dir / "results.json").write_text(json.dumps({
         # evaluate()'s own aggregates, as it logs them to a project: its safety defect rates count from
         # severity 4 whatever the threshold; the table's figures are in "comparisons".
         "settings": settings, "evaluate_metrics": {name: r["metrics"] for name, r in results.items()},
-        "comparisons": {ev: {**asdict(c), "within_noise": c.within_noise} for ev, c in found.items()},
+        "primary": primary,
+        "comparisons": {ev: {**asdict(c), "within_noise": c.within_noise, "p_verdict": ps.get(ev),
+                             "verdict": verdict(ev, c, names, ps.get(ev)) if len(names) == 2 else None}
+                        for ev, c in found.items()},
         "errors": {name: r["errors"] for name, r in results.items()},
         "answer_seconds": seconds, "judge_tokens": judge_tokens(results), "largest_differences": differences,
         "left_out": how.left_out, "safety_level": how.safety_level,
@@ -166,7 +215,7 @@ def log_to_mlflow(run_dir: Path, settings: dict, found: dict[str, Comparison], n
         metrics.update({f"{name}.{evaluator}": m for name, m in zip(names, c.means) if m is not None})
         if c.difference is not None:
             metrics.update({f"difference.{evaluator}": c.difference, f"difference_low.{evaluator}": c.interval[0],
-                            f"difference_high.{evaluator}": c.interval[1]})
+                            f"difference_high.{evaluator}": c.interval[1], f"p_value.{evaluator}": c.p_value})
     metrics.update({f"judge_tokens.{kind}": count for kind, count in tokens.items() if count})
     with mlflow.start_run(run_name=f"evaluate-chat-{run_dir.name}") as run:
         mlflow.set_tag("step", "evaluate_chat")

@@ -7,6 +7,7 @@ sits in finetuning_dir so that it travels with fine_tune.py into the Azure ML jo
 
 import json
 import os
+from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,3 +71,25 @@ def check_jsonl_file(path: str) -> int:
                     raise ChatDataError(f"{path}: line {number} is not valid JSON ({e.msg}); each line must be one JSON object") from None
 
     return check_rows(rows(), path)
+
+
+@dataclass
+class Question:
+    text: str
+    reference: str
+
+
+def read_questions(eval_file: str, count: int) -> list[Question]:
+    """The first user turn and its reference answer of the first `count` conversations that open with one."""
+    questions = []
+    with open(eval_file, encoding="utf-8") as f:
+        for line in f:
+            if len(questions) == count:
+                break
+            if not line.strip():
+                continue
+            turns = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
+            if turns and turns[0]["role"] == "user" and turns[0]["content"].strip():
+                reference = turns[1]["content"] if len(turns) > 1 and turns[1]["role"] == "assistant" else ""
+                questions.append(Question(turns[0]["content"].strip(), reference.strip()))
+    return questions

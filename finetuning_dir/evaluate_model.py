@@ -10,7 +10,9 @@ eval_answers.json) and ends with one line, e.g.
 
 Run on its own, it evaluates any model folder fine_tune.py wrote, its int4 form
 (quantize_model.py), a base model (a Hub id or a local folder), or two of them against each
-other, on any ultrachat-shaped chat JSONL:
+other, on any ultrachat-shaped chat JSONL. Two models are also compared conversation by
+conversation: each test conversation's loss under both, in one table (means, difference, 95%
+interval, p-value, won/tied/lost; paired.py), the row that shows what fine-tuning changed:
 
     python finetuning_dir/evaluate_model.py --model outputs/models/<run>/model --eval-file data/test_data.jsonl
     python finetuning_dir/evaluate_model.py --model outputs/models/<run>/model \\
@@ -36,8 +38,11 @@ from evaluation import (
     Evaluation,
     answers_table,
     answers_text,
+    conversation_ids,
+    conversation_losses,
     eval_loss_of,
     evaluate,
+    loss_comparison,
     read_questions,
     summary_line,
 )
@@ -68,6 +73,8 @@ def parse_args(argv=None):
                              "natively, else fp32)")
     parser.add_argument("--limit", type=int,
                         help="evaluate only the first LIMIT conversations of the eval file (default: all)")
+    parser.add_argument("--caption", default=None,
+                        help="a line printed above the comparison of the two models' test loss (what it shows)")
     return parser.parse_args(argv)
 
 
@@ -106,21 +113,22 @@ def evaluate_one(name: str, options, questions) -> Evaluation:
         eval_dataset = ft.prepare_dataset(options.eval_file, tokenizer)
         if options.limit:
             eval_dataset = eval_dataset.select(range(min(options.limit, len(eval_dataset))))
+        conversations = conversation_ids(eval_dataset["text"], tokenizer, options.max_length)
         # SFTTrainer insists on a train dataset; nothing is trained here.
         trainer = ft.build_trainer(args, model, tokenizer, eval_dataset, eval_dataset)
         if onnx_dir is None:
-            return evaluate(trainer, questions, options.max_new_tokens)
-        return evaluate_int4(name, trainer, questions, options.max_new_tokens)
+            return evaluate(trainer, questions, options.max_new_tokens, conversations=conversations)
+        return evaluate_int4(name, trainer, questions, options.max_new_tokens, conversations)
 
 
-def evaluate_int4(name: str, trainer, questions, max_new_tokens: int) -> Evaluation:
-    """The int4 model's loss over the trainer's eval batches, and its greedy answers."""
+def evaluate_int4(name: str, trainer, questions, max_new_tokens: int, conversations) -> Evaluation:
+    """The int4 model's loss over the trainer's eval batches and of each conversation, and its greedy answers."""
     import mlflow
 
     chat = mlflow.pyfunc.load_model(name).unwrap_python_model()
     loss = eval_loss_of(chat.logits, trainer)
     answers = chat.predict(None, [q.text for q in questions], {"max_new_tokens": max_new_tokens, "do_sample": False})
-    return Evaluation(loss=loss, answers=[a.strip() for a in answers])
+    return Evaluation(loss=loss, answers=[a.strip() for a in answers], losses=conversation_losses(chat.logits, conversations))
 
 
 def main(argv=None):
@@ -146,6 +154,8 @@ def main(argv=None):
         return model
     if questions:
         print(answers_text(answers_table(questions, baseline, model, names=("baseline", "model"))))
+    print(("\n" + options.caption if options.caption else "") + "\nThe test loss, conversation by conversation:\n"
+          + loss_comparison(baseline, model, names=("model", "baseline"))[0] + "\n")
     print(f"relative change of the test loss: {100 * (model.loss - baseline.loss) / baseline.loss:+.2f}%")
     print(summary_line(baseline, model))
     return baseline, model

@@ -1,11 +1,14 @@
 """How much a fine-tune learned: test loss and a few greedy answers, of the base model and the tuned one.
 
 fine_tune.py runs this in every run, before and after training; evaluate_model.py runs it on its
-own. It works on a trainer it is given and imports nothing of the project's: the test loss is the
-trainer's own eval_loss over the eval file (with its perplexity), and the answers are greedy
-answers to the first few questions of the eval file. report() logs both evaluations to MLflow
-(base_eval_loss / eval_loss, base_eval_perplexity / eval_perplexity, the table eval_answers.json)
-and returns the line a person reads, e.g.
+own. It works on a trainer it is given and imports of the project's only chat_data.py (the
+questions) and paired.py (the comparison): the test loss is the trainer's own eval_loss over the
+eval file (with its perplexity), and the answers are greedy answers to the first few questions of
+the eval file. Each test conversation's own loss is taken too, under both models, and compared
+conversation by conversation as step 5 compares answers: means, difference, interval, p-value,
+won/tied/lost. report() logs all of it to MLflow (base_eval_loss / eval_loss, base_eval_perplexity /
+eval_perplexity, test_loss_difference with its interval and test_loss_p_value, the table
+eval_answers.json) and returns the line a person reads, e.g.
 
     test loss 1.421 → 1.183 (perplexity 4.14 → 3.26)
 
@@ -22,6 +25,9 @@ from dataclasses import dataclass, field
 import mlflow
 import torch
 
+import paired
+from chat_data import Question, read_questions  # noqa: F401  (fine_tune.py and evaluate_model.py read them here)
+
 logger = logging.getLogger("fine_tune")
 
 DEFAULT_QUESTIONS = 3
@@ -34,32 +40,11 @@ class Evaluation:
 
     loss: float
     answers: list[str] = field(default_factory=list)
+    losses: list[float | None] = field(default_factory=list)  # each test conversation's own (conversation_losses)
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss) if self.loss < 700 else math.inf
-
-
-@dataclass
-class Question:
-    text: str
-    reference: str
-
-
-def read_questions(eval_file: str, count: int) -> list[Question]:
-    """The first user turn and its reference answer of the first `count` conversations that open with one."""
-    questions = []
-    with open(eval_file, encoding="utf-8") as f:
-        for line in f:
-            if len(questions) == count:
-                break
-            if not line.strip():
-                continue
-            turns = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
-            if turns and turns[0]["role"] == "user" and turns[0]["content"].strip():
-                reference = turns[1]["content"] if len(turns) > 1 and turns[1]["role"] == "assistant" else ""
-                questions.append(Question(turns[0]["content"].strip(), reference.strip()))
-    return questions
 
 
 def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens: int, autocast=None) -> list[str]:
@@ -89,19 +74,74 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def evaluate(trainer, questions: list[Question], max_new_tokens: int, prefix: str = "eval") -> Evaluation:
-    """The model in `trainer` on its eval dataset: the trainer's loss, and answers on the first process.
+def evaluate(trainer, questions: list[Question], max_new_tokens: int, prefix: str = "eval",
+             conversations: list[list[int]] = ()) -> Evaluation:
+    """The model in `trainer` on its eval dataset: the trainer's loss; on the first process, the answers and
+    each of `conversations`' own loss (conversation_ids).
 
     Every process must call this (the loss is computed across all of them); metrics are logged
     under `prefix` (base_eval_loss for prefix "base_eval").
     """
     metrics = trainer.evaluate(metric_key_prefix=prefix)
-    answers = []
+    answers, losses = [], []
     if trainer.is_world_process_zero():
         answers = answer_questions(
             trainer.model, trainer.processing_class, questions, max_new_tokens, trainer.accelerator.autocast()
         )
-    return Evaluation(loss=float(metrics[f"{prefix}_loss"]), answers=answers)
+        losses = conversation_losses(torch_logits(trainer.model, trainer.accelerator.autocast), conversations)
+    return Evaluation(loss=float(metrics[f"{prefix}_loss"]), answers=answers, losses=losses)
+
+
+def conversation_ids(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    """Each conversation (rendered with the chat template) as token ids, as the trainer makes them (TRL: the
+    tokenizer's own special tokens, EOS appended when missing), cut at `max_length`."""
+    eos = tokenizer.eos_token or ""
+    return [tokenizer(text=t if t.endswith(eos) else t + eos)["input_ids"][:max_length] for t in texts]
+
+
+def torch_logits(model, autocast=nullcontext):
+    """A function giving a torch model's logits ([tokens, vocabulary]) of one conversation, in eval mode."""
+    def logits_of(ids: list[int]):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast():
+                return model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+        finally:
+            model.train(was_training)
+
+    return logits_of
+
+
+def conversation_losses(logits_of, conversations: list[list[int]]) -> list[float | None]:
+    """Each conversation's mean next-token loss, alone (None for one with nothing to predict), from a function
+    giving its logits: what fine-tuning changed, conversation by conversation, for a paired comparison."""
+    losses = []
+    for ids in conversations:
+        if len(ids) < 2:
+            losses.append(None)
+            continue
+        logits = torch.as_tensor(logits_of(ids), dtype=torch.float32)[:-1]
+        wanted = torch.tensor(ids[1:], device=logits.device)
+        losses.append(torch.nn.functional.cross_entropy(logits, wanted).item())
+    return losses
+
+
+def loss_comparison(base: Evaluation, tuned: Evaluation, names=("fine-tuned", "base model")) -> tuple[str, dict]:
+    """Each conversation's test loss under both models, compared as step 5 compares answers (paired.py): the
+    table a person reads, and its figures for MLflow. Lower is better: "won" counts the conversations whose
+    loss fine-tuning lowered."""
+    c = paired.paired(tuned.losses, base.losses)
+    names = list(names)
+    text = paired.aligned([paired.columns(names), paired.row("test loss, per conversation", c, names, c.p_value,
+                                                             lower_is_better=True)])
+    text += "\n" + "\n".join(paired.power_lines(c, "test loss", unit="conversations"))
+    figures = {} if c.difference is None else {
+        "test_loss_difference": c.difference, "test_loss_difference_low": c.interval[0],
+        "test_loss_difference_high": c.interval[1], "test_loss_p_value": c.p_value,
+        "test_loss_conversations_lowered": c.losses,
+    }
+    return text, figures
 
 
 def batch_loss(logits_of, batch) -> float:
@@ -178,10 +218,13 @@ def report(questions: list[Question], base: Evaluation, tuned: Evaluation, step:
     if questions:
         logger.info("Answers to %d questions of the eval file (greedy, before and after fine-tuning):\n%s",
                     len(questions), answers_text(table))
+    losses, figures = loss_comparison(base, tuned)
+    if figures:
+        logger.info("The test loss, conversation by conversation:\n%s", losses)
     logger.info(line)
     mlflow.log_metrics({
         "base_eval_loss": base.loss, "eval_loss": tuned.loss,
-        "base_eval_perplexity": base.perplexity, "eval_perplexity": tuned.perplexity,
+        "base_eval_perplexity": base.perplexity, "eval_perplexity": tuned.perplexity, **figures,
     }, step=step)
     if questions:
         mlflow.log_table(data=table, artifact_file="eval_answers.json")

@@ -433,11 +433,11 @@ def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
     return trainer
 
 
-def train_and_evaluate_model(args, trainer, questions, saved_as):
+def train_and_evaluate_model(args, trainer, questions, saved_as, conversations=()):
     """
     Evaluate the base model, train, and evaluate the fine-tuned model as it is saved; return both evaluations.
     """
-    base = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="base_eval")
+    base = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, "base_eval", conversations)
     if is_main_process():
         logger.info(
             "Training on %d process(es), device %s, precision %s (weights %s)", trainer.args.world_size,
@@ -446,7 +446,7 @@ def train_and_evaluate_model(args, trainer, questions, saved_as):
     train_result = trainer.train()
     trainer.log_metrics("train", train_result.metrics)
     as_saved(args, trainer, saved_as)
-    tuned = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, prefix="eval")
+    tuned = evaluation.evaluate(trainer, questions, args.eval_max_new_tokens, "eval", conversations)
     tuned_metrics = {"eval_loss": tuned.loss, "eval_samples": len(trainer.eval_dataset)}
     trainer.log_metrics("eval", tuned_metrics)
     if is_main_process():
@@ -514,7 +514,8 @@ def main(args: FineTuneArguments):
         questions = evaluation.read_questions(args.eval_file, args.eval_questions)
         trainer = build_trainer(args, model, tokenizer, train_dataset, test_dataset)
         saved_as = saved_dtype(args.model_name)
-        base, tuned = train_and_evaluate_model(args, trainer, questions, saved_as)
+        conversations = evaluation.conversation_ids(test_dataset["text"], tokenizer, args.max_length)
+        base, tuned = train_and_evaluate_model(args, trainer, questions, saved_as, conversations)
         if is_main_process():
             save_fine_tuned_model(args, trainer, tokenizer, saved_as)
             if args.quantized_output_dir:

@@ -12,10 +12,11 @@ Each step is the learner's own command, printed before it runs:
   4. pf flow test: one question through the tutorial's Prompt flow to each; then 4b, the same
      question to the int4 endpoint through the chat on Microsoft Agent Framework (served from
      .venv-agent, asked through its OpenAI-compatible API, stopped);
-  5. evaluate_chat.py: the first questions of the test data through the flow's call to the int4
-     endpoint and to the base model (served for the run), scored offline with azure-ai-evaluation,
-     one table of both. Each endpoint is stopped afterwards (--keep-endpoint leaves the int4 one
-     running) and the way to the chat page is shown.
+  5. evaluate_model.py: each test conversation's loss under the fine-tuned model and its base, one
+     paired table (the row that shows learning); evaluate_chat.py: the first questions of the test
+     data through the flow's call to the int4 endpoint and to the base model (served for the run),
+     scored offline with azure-ai-evaluation, one table of both. Each endpoint is stopped
+     afterwards (--keep-endpoint leaves the int4 one running) and the way to the chat page is shown.
 
     make local            # sets up .venv first
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
@@ -108,9 +109,27 @@ def what_the_table_shows(sample_chats: bool) -> str:
             "docs/evaluation.md shows a real comparison.")
 
 
-def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True, form: str = "int4") -> None:
+def what_the_loss_shows(sample_chats: bool) -> str:
+    """The caption of make local's test-loss table: the row that shows learning."""
+    return ("What this shows: each test conversation's loss under the fine-tuned model and under its base. A lower "
+            "loss on most conversations, at p < 0.05, shows that fine-tuning taught the model something about chats "
+            "it was not trained on" + (" (here the sample chats' facts, which both splits share)" if sample_chats else "")
+            + "; the answers' table below shows what a user of the chat sees.")
+
+
+def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True, form: str = "int4",
+                      fine_tuned: Path | None = None) -> None:
     """Step 5 while the endpoint of `form` is live (.env points at it): the fine-tuned model against its base,
-    served in the same form."""
+    served in the same form; first, with `fine_tuned` (its MLflow model folder), the test loss of each
+    conversation under both."""
+    import config
+
+    if fine_tuned is not None:
+        command = [sys.executable, "finetuning_dir/evaluate_model.py", "--model", fine_tuned, "--baseline", base_model,
+                   "--eval-file", config.current_setting("TEST_DATA_PATH"), "--questions", "0",
+                   "--caption", what_the_loss_shows(sample_chats)]
+        if run("Step 5: the test loss, conversation by conversation", command, check=False).returncode:
+            sys.exit(f"local pipeline: the test-loss comparison failed: {shlex.join(map(str, command))}")
     # Greedy decoding: the tiny model's best answers, and the same table every run.
     command = [sys.executable, "evaluate_chat.py", "--questions", str(questions), "--temperature", "0",
                "--form", form, "--baseline", str(base_model), "--fresh", "--out", OUTPUTS / "evaluations",
@@ -150,7 +169,10 @@ def main(argv=None):
         if args.eval_questions:
             from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
 
-            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats)
+            from serving.endpoint import latest_local_model
+
+            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats,
+                              fine_tuned=latest_local_model())
     finally:
         if not args.keep_endpoint:
             processes.stop(endpoint)

@@ -148,10 +148,15 @@ def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
         sys.exit(f"local endpoint: the server {str(e).splitlines()[0]}; see its output above")
 
 
-def write_settings(url: str, key: str) -> Path:
-    """The URI and key into .env for the flow; say so when they replace an Azure endpoint's."""
+def form_of(model_dir: Path) -> str:
+    """The form (serving/forms.py) of an MLflow model folder: int4 holds quantize_model.py's ONNX model."""
+    return "int4" if (model_dir / "artifacts" / "onnx" / "genai_config.json").is_file() else "transformers"
+
+
+def write_settings(url: str, key: str, form: str) -> Path:
+    """The URI, key and form into .env for the flow and step 5; say so when they replace an Azure endpoint's."""
     previous = config.current_setting("AZURE_ML_ENDPOINT")
-    env_file = config.save_settings(AZURE_ML_ENDPOINT=url, AZURE_ML_API_KEY=key)
+    env_file = config.save_settings(AZURE_ML_ENDPOINT=url, AZURE_ML_API_KEY=key, AZURE_ML_ENDPOINT_FORM=form)
     if previous and not config.is_placeholder(previous) and not is_local(previous):
         print(f"Replaced the Azure endpoint {previous} in {env_file}; `python deploy_model.py --connect` "
               "switches the flow back to it (no redeploy).", flush=True)
@@ -167,7 +172,7 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
     check_port_free(host, port)
     key = endpoint_key()
     base_url = f"http://{host}:{port}"
-    env_file = write_settings(f"{base_url}/score", key)
+    env_file = write_settings(f"{base_url}/score", key, form_of(model_dir))
 
     staging = tempfile.TemporaryDirectory(prefix="finetune-phi-endpoint-")
     # SIGTERM (a service manager, the pipeline, a test) stops the server as Ctrl-C does.

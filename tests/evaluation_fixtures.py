@@ -68,16 +68,20 @@ def chat_completion(content: str) -> dict:
 
 
 class AzureOpenAIStandIn(Recording):
-    """An Azure OpenAI resource: POST /openai/deployments/<d>/chat/completions?api-version=..., `api-key` header.
+    """An Azure OpenAI resource: POST /openai/deployments/<d>/chat/completions?api-version=..., with the `api-key`
+    header, or with an Entra ID bearer token when given `token` (then over HTTPS, with `certificate`).
 
     Every judge answers score 4 with a reason, in the JSON the evaluators' prompts ask for."""
 
-    def __init__(self, key: str = "stand-in-openai-key"):
-        self.key = key
-        super().__init__(self.answer)
+    def __init__(self, key: str = "stand-in-openai-key", token: str | None = None, certificate=None):
+        self.key, self.token = key, token
+        super().__init__(self.answer, certificate)
 
     def answer(self, request):
-        if request["headers"].get("api-key") != self.key:
+        headers = {name.lower(): value for name, value in request["headers"].items()}  # httpx sends them lower-case
+        signed_in = (headers.get("authorization") == f"Bearer {self.token}" if self.token
+                     else headers.get("api-key") == self.key)
+        if not signed_in:
             return 401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}, {}
         if not re.fullmatch(r"/openai/deployments/[^/]+/chat/completions\?api-version=[\w.-]+", request["path"]):
             return 404, {"error": {"code": "404", "message": "Resource not found"}}, {}
@@ -182,16 +186,18 @@ class HubProjectStandIn(Recording):
 
     Azure Resource Manager (management.azure.com) describes the project's workspace: where its safety service
     and its run history live (the region's api.azureml.ms host) and its default blob datastore with a SAS.
-    The safety service answers each harm with the severity in `severities`; the run history takes the
-    evaluation run, its metrics and properties, and the datastore its rows."""
+    The safety service answers each harm with the severity in `severities` (6 for an answer holding `harmful`), and
+    gives the AdversarialSimulator its ADVERSARIAL_QA template, whose questions are `adversarial`; the run history
+    takes the evaluation run, its metrics and properties, and the datastore its rows."""
 
     ARM, REGION, STORAGE = "management.azure.com", "eastus.api.azureml.ms", "standinstore.blob.core.windows.net"
     HOSTS = (ARM, REGION, STORAGE)
     CONTAINER = "azureml-blobstore-stand-in"
 
     def __init__(self, certificate: tuple[Path, Path], token: str, subscription: str, group: str, project: str,
-                 severities: dict[str, int]):
+                 severities: dict[str, int], adversarial: tuple[str, ...] = (), harmful: str | None = None):
         self.token, self.severities, self.blobs = token, severities, {}
+        self.adversarial, self.harmful = adversarial, harmful
         self.scope = (f"/subscriptions/{subscription}/resourceGroups/{group}"
                       f"/providers/Microsoft.MachineLearningServices/workspaces/{project}")
         super().__init__(self.answer, certificate)
@@ -213,9 +219,14 @@ class HubProjectStandIn(Recording):
         route = path.replace(self.scope, "{scope}")
         if route == "/raisvc/v1.0{scope}/checkannotation":
             return 200, ["content harm", "groundedness"], {}
+        if route == "/raisvc/v1.0{scope}/simulation/template/parameters":  # the simulator's templates, by dataset
+            return 200, {"qa/adv_qa_stand_in_aml.json": [
+                {"conversation_starter": question, "metadata": {"Category": "violence"}, "topic": "stand-in"}
+                for question in self.adversarial]}, {}
         if route == "/raisvc/v1.0{scope}/sync_evals:run":
             harm = request["body"]["testing_criteria"][0]["evaluator_name"].removeprefix("builtin.")
-            severity = self.severities.get(harm, 0)
+            response = request["body"]["data_source"]["source"]["content"]["item"]["response"]
+            severity = 6 if self.harmful and self.harmful in response else self.severities.get(harm, 0)
             return 200, {"results": [{
                 "metric": f"builtin.{harm}", "score": severity, "label": "pass" if severity < 4 else "fail",
                 "reason": f"The stand-in safety service rated it {severity}.",

@@ -29,7 +29,8 @@ from stand_ins import sample_chats
 
 import evaluate_chat  # noqa: E402
 import integrate_with_promptflow as flow  # noqa: E402
-from chat_evaluation import EvaluationStopped, compare, scoring
+from chat_evaluation import EvaluationStopped, scoring
+from finetuning_dir import paired as compare
 from chat_evaluation.collect import display
 
 OK = (200, [ANSWER], {})
@@ -64,6 +65,7 @@ def chats(tmp_path):
 def use_endpoint(monkeypatch, url: str, key: str = "stand-in-key"):
     monkeypatch.setenv("AZURE_ML_ENDPOINT", url)
     monkeypatch.setenv("AZURE_ML_API_KEY", key)
+    monkeypatch.delenv("AZURE_ML_ENDPOINT_FORM", raising=False)  # no deployment's form: int4, the default
 
 
 def run(tmp_path, *flags) -> dict:
@@ -180,7 +182,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # trust the stand-in's certificate
         monkeypatch.setenv("AZURE_AI_PROJECT", project.endpoint)
         monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
-        results = run(tmp_path, "--test-data", chats, "--questions", 2)
+        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--adversarial", 0)
     finally:
         project.close()
     metrics = results["evaluate_metrics"]["fine-tuned"]
@@ -211,7 +213,7 @@ def test_the_azure_ai_project_judges_safety_and_logs_each_evaluation(offline, st
     assert "https://ai.azure.com/.default" in credential.scopes
     assert results["studio_urls"] == {"fine-tuned": "https://ai.azure.com/resource/build/evaluation/stand-in-run"}
     printed = capsys.readouterr().out
-    assert re.search(r"^violence \(defect rate\) +0\.000 +2/2$", printed, re.M)
+    assert re.search(r"^violence \(defect rate, test questions\) +0\.000 +2/2$", printed, re.M)
     assert "Logged to the Azure AI project: https://ai.azure.com/resource/build/evaluation/stand-in-run" in printed
 
 
@@ -235,13 +237,14 @@ def test_a_hub_based_project_judges_safety_at_the_threshold_and_logs_to_its_run_
         monkeypatch.setattr(scoring.config, "AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
         monkeypatch.setattr(scoring.config, "AZURE_RESOURCE_GROUP_NAME", GROUP)
         monkeypatch.setattr(scoring, "azure_credential", lambda: credential)
-        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--safety-threshold", "low")
+        results = run(tmp_path, "--test-data", chats, "--questions", 2, "--safety-threshold", "low",
+                      "--adversarial", 0)
     finally:
         project.close()
     printed = capsys.readouterr().out
     assert {name: results["comparisons"][name]["means"][0] for name in scoring.SAFETY} == {
         "self_harm": 0.0, "hate_unfairness": 0.0, "violence": 1.0, "sexual": 1.0}
-    assert re.search(r"^violence \(defect rate\) +1\.000 +2/2$", printed, re.M)
+    assert re.search(r"^violence \(defect rate, test questions\) +1\.000 +2/2$", printed, re.M)
     assert results["safety_level"] == 2
     # evaluate()'s own defect rate, which it logs to the project, counts from severity 4 whatever the threshold.
     assert results["evaluate_metrics"]["fine-tuned"]["violence.violence_defect_rate"] == 0.0
@@ -364,9 +367,9 @@ def test_half_an_azure_openai_setting_is_refused(stand_in, chats, monkeypatch, t
     use_endpoint(monkeypatch, stand_in(OK).url)
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://judge.openai.azure.com")
     assert stopped_with(tmp_path, "--test-data", chats) == (
-        "evaluate_chat.py: config: AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENT still unset; the AI-assisted "
-        "evaluators need all of AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENT in .env (copy "
-        ".env.example), or none of them")
+        "evaluate_chat.py: config: AZURE_OPENAI_DEPLOYMENT still unset; the AI-assisted evaluators need "
+        "AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT in .env (copy .env.example), with AZURE_OPENAI_API_KEY or "
+        "an Entra ID sign-in (az login), or none of them")
 
 
 class SlowEndpoint(Recording):
@@ -446,14 +449,15 @@ def test_a_judge_that_fails_some_rows_is_counted_said_and_left_out_of_the_compar
     relevance = results["comparisons"]["relevance"]
     assert relevance["scored"] == [3, 2] and relevance["asked"] == 3
     assert relevance["paired"] == 2 and relevance["means"] == [4.0, 4.0]  # only the questions both were scored on
-    assert relevance["difference"] == 0 and relevance["within_noise"] is True and relevance["ties"] == 2
+    assert relevance["difference"] == 0 and relevance["p_value"] == 1 and relevance["ties"] == 2
+    assert relevance["verdict"] == "too few questions to tell"  # 2 questions: no test could ever decide
     assert results["comparisons"]["f1_score"]["paired"] == 3  # the offline ones scored every answer
     assert results["errors"]["fine-tuned"] == {}
     assert "Access denied due to invalid subscription key" in results["errors"]["baseline"]["relevance"]
     printed = capsys.readouterr().out
     (said,) = [line for line in printed.splitlines() if line.startswith("baseline: relevance (1-5) failed")]
     assert said.startswith("baseline: relevance (1-5) failed, first error: ") and "Access denied" in said
-    assert re.search(r"^relevance \(1-5\) .* within noise +0/2/0 +3/3, 2/3$", printed, re.M)
+    assert re.search(r"^relevance \(1-5\) .* 1\.000 +too few questions to tell +0/2/0 +3/3, 2/3$", printed, re.M)
 
 
 def test_an_evaluator_that_scored_nothing_fails_the_run(offline, stand_in, chats, monkeypatch, tmp_path, capsys):
@@ -464,7 +468,7 @@ def test_an_evaluator_that_scored_nothing_fails_the_run(offline, stand_in, chats
         message = stopped_with(tmp_path, "--test-data", chats, "--questions", 2)
     finally:
         judge.close()
-    assert message.startswith("evaluate_chat.py: no answer was scored by groundedness (1-5) (fine-tuned), "
+    assert message.startswith("evaluate_chat.py: no answer was scored by supported by reference (1-5) (fine-tuned), "
                               "relevance (1-5) (fine-tuned), coherence (1-5) (fine-tuned)")
     assert message.endswith(f"see the first errors above and the evaluate-*.log files in {display(results_dir(tmp_path))}")
     printed = capsys.readouterr().out
@@ -472,16 +476,16 @@ def test_an_evaluator_that_scored_nothing_fails_the_run(offline, stand_in, chats
     assert json.loads((results_dir(tmp_path) / "results.json").read_text())["comparisons"]["f1_score"]["scored"][0] == 2
 
 
-def test_the_paired_interval_says_when_a_difference_is_noise():
+def test_the_paired_interval_is_the_size_of_the_difference():
     clear = compare.paired([0.9, 0.8, 0.95, 0.85, 0.9], [0.1, 0.2, 0.15, 0.1, 0.05])
-    assert clear.difference == pytest.approx(0.76) and not clear.within_noise
+    assert clear.difference == pytest.approx(0.76)
     assert 0.6 < clear.interval[0] <= 0.76 <= clear.interval[1] < 0.9 and (clear.wins, clear.ties, clear.losses) == (5, 0, 0)
     mixed = compare.paired([0.5, 0.2, 0.9, 0.1, 0.6, None], [0.4, 0.6, 0.3, 0.5, 0.6, 0.7])
-    assert mixed.paired == 5 and mixed.scored == (5, 6) and mixed.within_noise
+    assert mixed.paired == 5 and mixed.scored == (5, 6)
     assert (mixed.wins, mixed.ties, mixed.losses) == (2, 1, 2)
     assert compare.paired([0.5, 0.2], [0.4, 0.6]).interval == compare.paired([0.5, 0.2], [0.4, 0.6]).interval  # seeded
     nothing = compare.paired([None, None], [1.0, None])
-    assert nothing.paired == 0 and nothing.difference is None and not nothing.within_noise
+    assert nothing.paired == 0 and nothing.difference is None and not nothing.within_noise and not nothing.too_few
 
 
 @pytest.mark.parametrize("threshold, defects", [("low", [0, 1, 1, 1]), ("medium", [0, 0, 1, 1]), ("high", [0, 0, 0, 1])])
@@ -508,7 +512,7 @@ def test_importing_step_5_writes_nothing_and_changes_no_setting(tmp_path):
         "import os, sys, logging; sys.path.insert(0, sys.argv[1]); before = dict(os.environ); "
         "level = logging.getLogger().level; "
         "import evaluate_chat, chat_evaluation.collect, chat_evaluation.baseline, chat_evaluation.scoring, "
-        "chat_evaluation.compare, chat_evaluation.report, chat.endpoint_client, chat.ask_agent; "
+        "finetuning_dir.paired, chat_evaluation.report, chat_evaluation.adversarial, chat.endpoint_client, chat.ask_agent; "
         "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
         "assert logging.getLogger().level == level and not logging.getLogger().handlers; print('ok')"
     )

@@ -22,8 +22,8 @@ from test_evaluate_chat import OK, no_nltk_data, offline  # noqa: F401
 from chat_evaluation import baseline
 
 
-def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model_dir, chat_files, no_nltk_data,
-                                                            tmp_path, monkeypatch, capfd):
+def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, fine_tuned_model, tiny_model_dir, chat_files,
+                                                            no_nltk_data, tmp_path, monkeypatch, capfd):
     """make local's step 5, as its own command line runs it, against the fine-tuned tiny model's local endpoint
     (its transformers form): the base is served by the script in that same form, with the same greedy params."""
     from local import pipeline
@@ -33,15 +33,20 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     for name, value in (("FINETUNE_PHI_ENV_FILE", endpoint.env_file), ("TEST_DATA_PATH", chat_files[1]),
                         ("NLTK_DATA", no_nltk_data)):
         monkeypatch.setenv(name, str(value))
-    pipeline.evaluate_the_chat(tiny_model_dir, 8, sample_chats=True, form="transformers")
+    pipeline.evaluate_the_chat(tiny_model_dir, 8, sample_chats=True, form="transformers", fine_tuned=fine_tuned_model)
     printed = capfd.readouterr().out
+    # First the row that shows learning: each of the 40 test conversations' loss, lowered by fine-tuning.
+    losses = printed[printed.index("== Step 5: the test loss, conversation by conversation"):printed.index("== Step 5: evaluate")]
+    assert pipeline.what_the_loss_shows(True) + "\nThe test loss, conversation by conversation:" in losses
+    loss_line = next(line for line in losses.splitlines() if line.startswith("test loss, per conversation"))
+    assert loss_line.split()[-3:] == ["model", "better", "40/0/0"] and " <0.001 " in loss_line
     (run_dir,) = [p for p in (tmp_path / "evaluations").iterdir() if p.name != "baseline-models"]
     results = json.loads((run_dir / "results.json").read_text())
     f1 = results["comparisons"]["f1_score"]
     assert f1["means"][0] > 0.9 and f1["means"][1] < 0.3, f1
     assert f1["scored"] == [8, 8] and f1["paired"] == 8 and f1["wins"] >= 6
     low, high = f1["interval"]
-    assert 0 < low <= f1["difference"] <= high and f1["within_noise"] is False
+    assert 0 < low <= f1["difference"] <= high and f1["within_noise"] is False and f1["verdict"] == "fine-tuned better"
     # Like against like: both sides' form, params and model are recorded, and they are the same.
     (fine_tuned, baseline) = results["endpoints"]
     assert fine_tuned["form"] == baseline["form"] == "transformers"
@@ -54,9 +59,11 @@ def test_the_fine_tuned_model_beats_its_base_like_with_like(endpoint, tiny_model
     assert "proves that the steps work together, not that fine-tuning helps" in table.splitlines()[1]
     assert "Unlike forms" not in table and "Unlike params" not in table and "Sampled answers" not in table
     line = next(line for line in table.splitlines() if line.startswith("F1 "))
-    assert line.split() == ["F1", f"{f1['means'][0]:.3f}", f"{f1['means'][1]:.3f}", f"{f1['difference']:+.3f}",
-                            f"[{low:+.3f},", f"{high:+.3f}]", "fine-tuned", "better",
-                            f"{f1['wins']}/{f1['ties']}/{f1['losses']}", "8/8,", "8/8"]
+    assert f1["p_value"] == f1["p_verdict"] < 0.05 and results["primary"] == "f1_score"
+    assert line.split() == ["F1", "(primary)", f"{f1['means'][0]:.3f}", f"{f1['means'][1]:.3f}",
+                            f"{f1['difference']:+.3f}", f"[{low:+.3f},", f"{high:+.3f}]", f"{f1['p_value']:.3f}",
+                            "fine-tuned", "better", f"{f1['wins']}/{f1['ties']}/{f1['losses']}", "8/8,", "8/8"]
+    assert "Power (F1, the primary metric): the paired differences' SD is " in table
     assert "The 3 questions on which the two differ most (F1):" in table
     top = results["largest_differences"][0]
     assert f"    fine-tuned (F1 {top['fine-tuned F1']:.2f}): {top['fine-tuned']}" in table
