@@ -100,12 +100,12 @@ class Servers:
 
     def start(self, name: str, command: list, live_url: str, **env) -> float:
         """Start a server; return the seconds until `live_url` answered."""
-        log = self.work / f"{name}.log"
-        self.running.append(processes.start(command, log=log, env={**self.env, **env}, cwd=common.ROOT))
         try:
-            return processes.wait_until_live(self.running[-1], live_url, timeout=3600, log=log)
+            self.running.append(processes.serve(command, live_url, log=self.work / f"{name}.log",
+                                                env={**self.env, **env}, cwd=common.ROOT, timeout=3600))
         except processes.NotLive as e:
             raise SystemExit(f"bench_serving.py: {name} {e}")
+        return self.running[-1].live_s
 
     def endpoint(self, model_dir: Path, workers: int = 1, threads: str = "default", server_threads: int | None = None,
                  **env) -> tuple[str, float]:
@@ -133,8 +133,8 @@ class Servers:
 
     def stop_all(self):
         """Stop every server started so far, and whatever runs under it."""
-        for process in reversed(self.running):
-            processes.stop(process)
+        for server in reversed(self.running):
+            server.stop()
         self.running.clear()
 
     def __enter__(self):
@@ -371,7 +371,7 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
         # Waits past the request limit, so that a queued call is timed rather than lost.
         call = endpoint_call(url, servers.key, opts.max_new_tokens, timeout=4 * REQUEST_LIMIT_S)
         served.append({"name": name, "form": form, "serving": serving, "threads": threads, "url": url,
-                       "load_s": load_s, "call": call, "process": servers.running[-1]})
+                       "load_s": load_s, "call": call, "process": servers.running[-1].process})
     clients_list = [int(c) for c in opts.big_clients.split(",")]
     bursts = {(i, clients): [] for i in range(len(served)) for clients in clients_list}
     probes = {key: ProbeWatch(served[key[0]]["url"].removesuffix("/score")) for key in bursts}

@@ -47,15 +47,13 @@ def agent_chat(settings: dict, log: Path):
     port = processes.free_port()
     command = [AGENT_PYTHON, "-m", "chat.serve_agent", "--port", port]
     log.parent.mkdir(parents=True, exist_ok=True)
-    server = processes.start(command, log=log, env=settings, cwd=ROOT)
     try:
-        try:
-            processes.wait_until_live(server, f"http://localhost:{port}/health", timeout=120, log=log)
-        except processes.NotLive as e:
-            raise EndpointError(f"the Agent Framework chat {str(e).splitlines()[0]}; see {log}") from None
-        yield AgentChat(f"http://localhost:{port}")
-    finally:
-        processes.stop(server)
+        server = processes.serve(command, f"http://localhost:{port}/health", url=f"http://localhost:{port}", log=log,
+                                 env=settings, cwd=ROOT, timeout=120)
+    except processes.NotLive as e:
+        raise EndpointError(f"the Agent Framework chat {str(e).splitlines()[0]}; see {log}") from None
+    with server:
+        yield AgentChat(server.url)
 
 
 def ask_the_agent(question: str, outputs: Path = OUTPUTS) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from local import mlflow_store
 from local.ask_agent import ask_the_agent
 from local.ask_flow import ask_the_flow
-from serving import processes
+from serving import endpoint as local_endpoint, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
@@ -69,32 +69,29 @@ def fine_tune(model_name: str | None) -> None:
     run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
 
 
-def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> subprocess.Popen:
+def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> processes.Server:
     """`deploy_model.py --local` (default: the newest local model of `form`) in the background, once it is live."""
-    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
-    command += ["--model-dir", str(model_dir)] if model_dir else ["--form", form]
     log = OUTPUTS / f"local-endpoint-{form}.log"
     print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
-          f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(command)}", flush=True)
-    process = processes.start(command, log=log, cwd=ROOT)
+          f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(local_endpoint.learner_command(port, form, model_dir))}",
+          flush=True)
     try:
-        processes.wait_until_live(process, f"http://127.0.0.1:{port}/", timeout=3600, log=log)
+        endpoint = local_endpoint.start_in_background(port, form, model_dir, log)
     except processes.NotLive as e:
-        processes.stop(process)
         sys.exit(f"local pipeline: the local endpoint {str(e).splitlines()[0]}; see {os.path.relpath(log, ROOT)}")
-    print(f"The endpoint is live at http://127.0.0.1:{port}/score (URI and key written to .env).")
-    return process
+    print(f"The endpoint is live at {endpoint.url} (URI and key written to .env).")
+    return endpoint
 
 
 def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None,
-                  form: str = "int4") -> tuple[str, subprocess.Popen]:
+                  form: str = "int4") -> tuple[str, processes.Server]:
     """Steps 3 and 4 for one form of the model; the endpoint is stopped afterwards unless asked to keep it."""
     endpoint = start_endpoint(port, model_dir, form)
     try:
         answer = ask_the_flow(question, outputs=OUTPUTS)
     finally:
         if not keep_endpoint:
-            processes.stop(endpoint)  # deploy_model.py --local stops its server on SIGTERM
+            endpoint.stop()  # deploy_model.py --local stops its server on SIGTERM
     print(f"\nQ: {question}\nA ({form}): {answer}")
     return answer, endpoint
 
@@ -153,9 +150,10 @@ def main(argv=None):
             evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats)
     finally:
         if not args.keep_endpoint:
-            processes.stop(endpoint)
-    running = (f"\n\nThe int4 endpoint is still running (pid {endpoint.pid}, port {args.port}): skip terminal 1, "
-               f"and stop it with `kill {endpoint.pid}`." if args.keep_endpoint else "")
+            endpoint.stop()
+    pid = endpoint.process.pid
+    running = (f"\n\nThe int4 endpoint is still running (pid {pid}, port {args.port}): skip terminal 1, "
+               f"and stop it with `kill {pid}`." if args.keep_endpoint else "")
     print(CHAT_HOW_TO.format(running=running))
 
 

@@ -22,7 +22,6 @@ Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they
 import argparse
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -132,18 +131,16 @@ def _die_with_parent():
 
 
 def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path,
-                 threads: int | None = None) -> subprocess.Popen:
-    """Start azmlinfsrv on `model_dir`, staged under `staging`; its output goes to ours."""
+                 threads: int | None = None) -> processes.Server:
+    """azmlinfsrv on `model_dir`, staged under `staging`, once it is live; its output goes to ours."""
     print(f"Starting azmlinfsrv with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
-    return processes.start(server_command(azureml_model_dir, port), cwd=ROOT,
-                           env=server_environment(azureml_model_dir, host, key, threads), preexec_fn=_die_with_parent)
-
-
-def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
-    """Wait until the liveness route answers 200; the model loads in between."""
-    try:
-        processes.wait_until_live(process, base_url + "/", timeout=3600)
+    base_url = f"http://{host}:{port}"
+    try:  # the model loads before the liveness route answers
+        return processes.serve(server_command(azureml_model_dir, port), base_url + "/", url=base_url + "/score",
+                               key=key, cwd=ROOT, env=server_environment(azureml_model_dir, host, key, threads),
+                               timeout=3600, stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
+                               preexec_fn=_die_with_parent)
     except processes.NotLive as e:
         sys.exit(f"local endpoint: the server {str(e).splitlines()[0]}; see its output above")
 
@@ -172,25 +169,43 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
     staging = tempfile.TemporaryDirectory(prefix="finetune-phi-endpoint-")
     # SIGTERM (a service manager, the pipeline, a test) stops the server as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    process = None
+    server = None
     try:
-        process = start_server(model_dir, host, port, key, Path(staging.name), threads)
-        wait_until_live(process, base_url)
+        server = start_server(model_dir, host, port, key, Path(staging.name), threads)
         print(
-            f"\nLocal endpoint ready: {base_url}/score (liveness: GET {base_url}/)\n"
+            f"\nLocal endpoint ready: {server.url} (liveness: GET {base_url}/)\n"
             f"Its URI and key are in {env_file} (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY).\n"
             "Chat with it: pf flow serve --source ./ --port 8080 --host localhost --engine fastapi\n"
             "Ctrl-C stops it.",
             flush=True,
         )
-        process.wait()
-        sys.exit(f"local endpoint: the server stopped with code {process.returncode}")
+        server.process.wait()
+        sys.exit(f"local endpoint: the server stopped with code {server.process.returncode}")
     except KeyboardInterrupt:
         print("\nStopping the local endpoint.", flush=True)
     finally:
-        if process is not None:
-            processes.stop(process, sig=signal.SIGINT)  # gunicorn's quick shutdown, then whatever is left
+        if server is not None:
+            server.stop()  # then whatever is left of it
         staging.cleanup()
+
+
+def learner_command(port: int, form: str = "int4", model_dir: Path | None = None) -> list[str]:
+    """`python deploy_model.py --local` on `port`, serving `model_dir` (default: the newest local model of `form`)."""
+    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port), "--form", form]
+    return command + (["--model-dir", str(model_dir)] if model_dir else [])
+
+
+def start_in_background(port: int, form: str = "int4", model_dir: Path | None = None, log: Path | None = None,
+                        env_file: Path | None = None) -> processes.Server:
+    """learner_command() run with a fresh key until it is live: its Server, whose URL and key it writes to
+    `env_file` (default: .env) for the flow. NotLive if it does not come up."""
+    url, key = f"http://127.0.0.1:{port}/score", secrets.token_urlsafe(32)
+    # The environment wins over .env: the endpoint finds its own URL there, so keeps this key (endpoint_key()).
+    env = {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": key}
+    if env_file is not None:
+        env["FINETUNE_PHI_ENV_FILE"] = str(env_file)
+    return processes.serve(learner_command(port, form, model_dir), f"http://127.0.0.1:{port}/", url=url, key=key,
+                           log=log, env=env, cwd=ROOT, timeout=3600)
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """A served process's life, written once: a free port, a start with its output in a log, a wait
 until it answers, and a stop of it and every process under it within seconds.
 
-The local endpoint, the local pipeline, the benchmarks and the tests' fixtures all start their
-servers (azmlinfsrv, `deploy_model.py --local`, `pf flow serve`) through here.
+`serve()` does all three and hands back a Server (its URL and key); every server the project
+starts (azmlinfsrv, `deploy_model.py --local`, `pf flow serve`, the Agent Framework chat) is
+started through it, the tests' fixtures through its parts.
 """
 
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -103,3 +105,39 @@ def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S, sig: int = si
     code = process.wait()
     psutil.wait_procs(family, timeout=grace_s)
     return code
+
+
+@dataclass
+class Server:
+    """A live server: its process, the URL to call and the key that URL asks for (None: none), its log,
+    and the seconds it took to be live. stop(), or the end of a `with` block, stops it and its workers."""
+
+    process: subprocess.Popen
+    url: str
+    key: str | None = None
+    log: Path | None = None
+    live_s: float = 0.0
+    stop_signal: int = signal.SIGTERM
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        return stop(self.process, grace_s, self.stop_signal)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(command, live_url: str, url: str | None = None, key: str | None = None, log: Path | None = None,
+          env: dict | None = None, cwd: Path | None = None, timeout: float = 600, stop_signal: int = signal.SIGTERM,
+          **popen) -> Server:
+    """Start `command` (as start()) and wait until `live_url` answers: the live Server at `url` (default:
+    `live_url`) with `key`. NotLive if it does not come up; then, as on Ctrl-C meanwhile, it is stopped."""
+    process = start(command, log, env, cwd, **popen)
+    try:
+        live_s = wait_until_live(process, live_url, timeout, log)
+    except BaseException:
+        stop(process, sig=stop_signal)
+        raise
+    return Server(process, url or live_url, key, log, live_s, stop_signal)
