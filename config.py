@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values, set_key
 
-PROJECT_DIR = Path(__file__).resolve().parent
-ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
+ROOT = Path(__file__).resolve().parent  # the project's folder, for every script that names a file in it
+ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", ROOT / ".env"))
 
 
 def _read_env_file() -> dict:

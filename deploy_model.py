@@ -64,6 +64,7 @@ from azure.ai.ml.entities import (
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import config
+from config import ROOT
 from billing import deployment_rows
 from ml_client import OPENMPI_IMAGE, get_ml_client
 from preflight import check_quota, deployment_vcpus, size_facts, workspace_location
@@ -71,7 +72,6 @@ from prices import cost_per_day, cost_per_hour
 from serving import REQUEST_TIMEOUT_MS
 from serving.forms import FORMS, PROBE_PERIOD_S, scoring_env
 
-ROOT = Path(__file__).resolve().parent
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
 # The int4 form is an MLflow pyfunc model, for which Azure's own scoring expects the pandas split
 # form, not the list of questions the flow sends: it is deployed with the project's scoring script
@@ -406,7 +406,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
     args = parse_args(argv)
     if args.local:
-        from serving.endpoint import serve_local
+        from serving.local_endpoint import serve_local
 
         return serve_local(args.model_dir, args.port, folder=FORMS[args.form].local_folder)
     if args.connect:

@@ -39,11 +39,11 @@ import sys
 from pathlib import Path
 
 import config
+from config import ROOT
 from chat_evaluation import EvaluationStopped, baseline, collect, report, scoring
 from chat_evaluation.collect import Endpoint, display
 from serving.forms import FORMS
 
-ROOT = Path(__file__).resolve().parent
 OUTPUTS = ROOT / "outputs"
 DEFAULT_QUESTIONS = 20
 SHOW_DIFFERENCES = 3
@@ -190,7 +190,7 @@ def evaluate_chat(args) -> Path:
     report.write_results(run_dir, settings, results, found, endpoints, how, seconds, differences)
     from local import mlflow_store
 
-    store = mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts") if "MLFLOW_TRACKING_URI" not in os.environ else {}
+    store = mlflow_store.unless_set(OUTPUTS)
     run_id = report.log_to_mlflow(run_dir, settings, found, list(results), report.judge_tokens(results), store)
     print(f"\nResults: {display(run_dir)} (results.json, table.txt, the answers); MLflow run {run_id}")
     failed = report.unscored(found, list(results))

@@ -52,13 +52,13 @@ from azure.ai.ml.exceptions import JobException
 from azure.core.exceptions import ResourceNotFoundError
 
 import config
+from config import ROOT
 from ml_client import OPENMPI_IMAGE, get_ml_client
 from preflight import (
     SizeFacts, check_quota, choose_location, cluster_vcpus, has_gpu, same_region, size_facts, workspace_location,
 )
 from prices import cost_for, cost_per_hour
 
-ROOT = Path(__file__).resolve().parent
 CONDA_FILE = ROOT / "conda.yml"
 FINETUNING_DIR = ROOT / "finetuning_dir"  # Path to the fine-tuning script
 TRAINING_ENV_NAME = "phi-3-training-environment"  # Name of the training environment
@@ -358,11 +358,9 @@ def run_locally(args, extra_args) -> Path:
         [*extra_args, "--checkpoint_dir", str(run_dir / "checkpoints")],
     )
     cmd[0] = sys.executable
-    env = {**os.environ}
-    if "MLFLOW_TRACKING_URI" not in env:  # a store of the learner's own wins
-        from local import mlflow_store
+    from local import mlflow_store
 
-        env.update(mlflow_store.prepare(LOCAL_OUTPUTS / "mlflow.db", LOCAL_OUTPUTS / "mlartifacts"))
+    env = {**os.environ, **mlflow_store.unless_set(LOCAL_OUTPUTS)}
     print(f"Running locally in {FINETUNING_DIR.name}/: {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=FINETUNING_DIR, env=env).returncode != 0:
         sys.exit("setup_ml.py: local fine-tuning failed (see the messages above)")

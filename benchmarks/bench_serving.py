@@ -1,7 +1,7 @@
 """Serving: the local endpoint's latency and tokens/s, what the Prompt flow adds, and the answers of a
 Phi-3.5-mini-sized model on this CPU.
 
-Default: the local endpoint (`python -m serving.endpoint`: azmlinfsrv and the learner's scoring script)
+Default: the local endpoint (`python -m serving.local_endpoint`: azmlinfsrv and the learner's scoring script)
 serves an MLflow model (default: the tiny Phi-3 saved by fine_tune.py's save_mlflow_model), `pf flow
 serve --engine fastapi` the flow on it. Calls are the flow tool's (a fresh connection, greedy), alternate
 endpoint / flow so that noise hits both alike: p50/p99 latency of --calls sequential calls, tokens/s
@@ -116,7 +116,7 @@ class Servers:
         env.update(WORKER_COUNT=str(workers), AZURE_ML_ENDPOINT=f"http://127.0.0.1:{port}/score")
         if threads != "default":
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        command = [sys.executable, "-m", "serving.endpoint", "--model-dir", model_dir, "--port", port]
+        command = [sys.executable, "-m", "serving.local_endpoint", "--model-dir", model_dir, "--port", port]
         if server_threads:
             command += ["--threads", server_threads]
         live_s = self.start(f"endpoint-{port}", command, f"http://127.0.0.1:{port}/", **env)
@@ -424,7 +424,7 @@ def main(argv=None):
             opts.model_dir = Path(tmp) / "tiny-model"
             ft.save_mlflow_model(tiny_phi3.build_model(tokenizer), tokenizer, str(opts.model_dir))
         common.print_header("Serving", {**vars(opts), "question": QUESTION, "decoding": "greedy",
-                                        "server": "azmlinfsrv 1.5.1 (serving/endpoint.py)", "flow_engine": "fastapi"})
+                                        "server": "azmlinfsrv 1.5.1 (serving/local_endpoint.py)", "flow_engine": "fastapi"})
         if opts.big:
             payload["big"] = measure_big(opts)
         if opts.big_endpoint:

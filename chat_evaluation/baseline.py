@@ -13,10 +13,10 @@ from pathlib import Path
 
 from chat_evaluation import EvaluationStopped
 from chat_evaluation.collect import display
-from serving import endpoint as local_endpoint, processes
+from config import ROOT
+from serving import local_endpoint, processes
 from serving.forms import FORMS
 
-ROOT = Path(__file__).resolve().parent.parent
 # The untrained model as fine_tune.py saves a fine-tuned one: the same MLflow flavour, signature and template.
 WRITE_MLFLOW_MODEL = """
 import sys, fine_tune
@@ -37,7 +37,7 @@ def mlflow_model(model: str, cache: Path) -> Path:
         return folder
     print(f"Writing {model} as an MLflow model into {display(folder)} (once), as fine_tune.py writes its model ...",
           flush=True)
-    # In a process of its own: fine_tune.py's imports (torch, its own chat_data) stay out of this one.
+    # In a process of its own: fine_tune.py's imports (torch, transformers, TRL) stay out of this one.
     result = subprocess.run([sys.executable, "-c", WRITE_MLFLOW_MODEL, model, str(folder)], cwd=ROOT / "finetuning_dir",
                             capture_output=True, text=True)
     if result.returncode:

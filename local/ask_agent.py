@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from chat.endpoint import EndpointError
+from config import ROOT
 from serving import processes
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
 SETUP = "build it with `make setup` (requirements-agent.txt)"

@@ -29,12 +29,12 @@ import sys
 from pathlib import Path
 
 
+from config import ROOT
 from local import mlflow_store
 from local.ask_agent import ask_the_agent
 from local.ask_flow import ask_the_flow
-from serving import endpoint as local_endpoint, processes
+from serving import local_endpoint, processes
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
 QUESTION = "Who founded Microsoft?"
@@ -130,8 +130,7 @@ def main(argv=None):
     parser.add_argument("--eval-questions", type=int, default=20,
                         help="questions of the test data step 5 asks both models (default: 20; 0 skips step 5)")
     args = parser.parse_args(argv)
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # a store of the learner's own wins
-        os.environ.update(mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts"))
+    os.environ.update(mlflow_store.unless_set(OUTPUTS))  # every step's runs in one store
     OUTPUTS.mkdir(exist_ok=True)
 
     try:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,15 @@ def test_help_explains_every_flag():
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
     assert options_without_help(download_dataset.main) == []
     assert os.linesep + "    python download_dataset.py --split" in result.stdout
+
+
+@pytest.mark.parametrize("first, then", [("chat_data", "finetuning_dir.chat_data"),
+                                         ("finetuning_dir.chat_data", "chat_data")])
+def test_chat_data_is_one_module_whichever_name_imports_it_first(first, then):
+    # fine_tune.py imports `chat_data` (its folder is the job's), the project's scripts `finetuning_dir.chat_data`:
+    # an error one raises, the other catches.
+    code = (f"import importlib, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/finetuning_dir']\n"
+            f"raising, catching = importlib.import_module('{first}'), importlib.import_module('{then}')\n"
+            "try:\n    raising.check_rows([], 'chats.jsonl')\nexcept catching.ChatDataError as e:\n    print('caught', e)")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "caught chats.jsonl: has no rows", result.stderr[-2000:]

@@ -16,7 +16,7 @@ there are replaced; `python deploy_model.py --connect` writes them back, with no
 Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they are doing.
 
     python deploy_model.py --local                        # the learner's command
-    python -m serving.endpoint --model-dir outputs/models/<run>/model --port 5001
+    python -m serving.local_endpoint --model-dir outputs/models/<run>/model --port 5001
 """
 
 import argparse
@@ -28,10 +28,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import config
+from config import ROOT
 from serving import processes
 from serving.forms import FORMS, PROBE_THREADS, scoring_env, worker_threads
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
 SCORE_SCRIPT = ROOT / "serving" / "scoring" / "score.py"
 AZMLINFSRV_VENV = ROOT / ".venv-azmlinfsrv"
