@@ -22,7 +22,8 @@ def _read_env_file() -> dict:
     return dotenv_values(ENV_FILE) if ENV_FILE.is_file() else {}
 
 
-# Read, not exported: .env's values never leak into the environment of the processes we start.
+# Read, not exported: .env's values, read here or written by save_settings(), never reach the environment of
+# the processes a script starts; those read .env themselves.
 _ENV_FILE_VALUES = _read_env_file()
 
 
@@ -126,10 +127,10 @@ def current_setting(name: str, default: str = "") -> str:
 
 
 def save_settings(**settings: str) -> Path:
-    """Write settings into the untracked .env file (created if missing) and into this module."""
+    """Write settings into the untracked .env file (created if missing) and into this module, not into the
+    environment: a process started afterwards reads them from .env, as current_setting() does."""
     ENV_FILE.touch(mode=0o600, exist_ok=True)
     for name, value in settings.items():
         set_key(str(ENV_FILE), name, value, quote_mode="never")
-        os.environ[name] = value
         globals()[name] = value
     return ENV_FILE

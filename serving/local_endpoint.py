@@ -20,6 +20,7 @@ Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they
 """
 
 import argparse
+import os
 import secrets
 import signal
 import sys
@@ -106,8 +107,10 @@ def stage_model(model_dir: Path, staging: Path) -> Path:
 
 
 def server_environment(azureml_model_dir: Path, host: str, key: str, threads: int | None = None) -> dict:
+    """The server's environment over ours: the key it checks, and none of the project's AZURE_* settings."""
     scoring = scoring_env(FORMS["int4"], threads)  # the int4 deployment's threads and request limit
     return {
+        **{name: None for name in os.environ if name.startswith("AZURE_")},
         "AZUREML_MODEL_DIR": str(azureml_model_dir),
         "LOCAL_ENDPOINT_KEY": key,
         "LOCAL_ENDPOINT_HOST": host,

@@ -46,11 +46,12 @@ def port_is_free(host: str, port: int) -> bool:
 def start(command, log: Path | None = None, env: dict | None = None, cwd: Path | None = None,
           **popen) -> subprocess.Popen:
     """Start `command` in a session of its own (Ctrl-C in a terminal reaches it only through stop()),
-    its output into `log` (None: inherited)."""
+    its output into `log` (None: inherited), with our environment changed by `env` (a None value unsets)."""
     output = open(log, "w") if log is not None else None
+    environment = {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
     try:
         return subprocess.Popen(
-            [str(part) for part in command], cwd=cwd, env={**os.environ, **(env or {})}, stdout=output,
+            [str(part) for part in command], cwd=cwd, env=environment, stdout=output,
             stderr=subprocess.STDOUT if output else None, start_new_session=True, **popen,
         )
     finally:

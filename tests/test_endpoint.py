@@ -136,14 +136,27 @@ def test_uri_and_key_are_written_to_env_file(endpoint):
     assert f"Local endpoint ready: http://127.0.0.1:{endpoint.port}/score" in endpoint.output()
 
 
+def server_environments(endpoint: Endpoint) -> list[dict]:
+    """The environment of each process under the endpoint's command: azmlinfsrv and its worker."""
+    return [process.environ() for process in endpoint.descendants()]
+
+
+def test_the_server_gets_its_key_and_no_setting(endpoint):
+    # The key the endpoint wrote to .env reaches its server as the key it checks, and only so.
+    environments = server_environments(endpoint)
+    assert environments and all(env["LOCAL_ENDPOINT_KEY"] == endpoint.key for env in environments)
+    assert [sorted(name for name in env if name.startswith("AZURE_")) for env in environments] == [[]] * len(environments)
+
+
 def test_a_restart_keeps_the_local_key_and_an_azure_one_is_never_reused(fine_tuned_model, tmp_path):
     env_file = tmp_path / ".env"
     azure = "https://finetune-phi-endpoint.eastus2.inference.ml.azure.com/score"
     env_file.write_text(f"AZURE_ML_ENDPOINT={azure}\nAZURE_ML_API_KEY=the-azure-key\n")
-    local = Endpoint(fine_tuned_model, tmp_path)
+    local = Endpoint(fine_tuned_model, tmp_path, AZURE_OPENAI_API_KEY="exported-in-the-learners-shell")
     try:
         local.wait_until_live()
         assert local.key != "the-azure-key"
+        assert all("AZURE_OPENAI_API_KEY" not in env for env in server_environments(local))
         assert f"Replaced the Azure endpoint {azure} in {env_file}; `python deploy_model.py --connect`" in local.output()
         first_key = local.key
     finally:
