@@ -76,7 +76,7 @@ def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4")
           f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(local_endpoint.learner_command(port, form, model_dir))}",
           flush=True)
     try:
-        endpoint = local_endpoint.start_in_background(port, form, model_dir, log)
+        endpoint = local_endpoint.start_in_background(port, form, model_dir, log, progress=f"Loading the {form} model")
     except processes.NotLive as e:
         sys.exit(f"local pipeline: the local endpoint {str(e).splitlines()[0]}; see {os.path.relpath(log, ROOT)}")
     print(f"The endpoint is live at {endpoint.url} (URI and key written to .env).")

@@ -199,16 +199,16 @@ def learner_command(port: int, form: str = "int4", model_dir: Path | None = None
 
 
 def start_in_background(port: int, form: str = "int4", model_dir: Path | None = None, log: Path | None = None,
-                        env_file: Path | None = None) -> processes.Server:
-    """learner_command() run with a fresh key until it is live: its Server, whose URL and key it writes to
-    `env_file` (default: .env) for the flow. NotLive if it does not come up."""
+                        env_file: Path | None = None, progress: str | None = None) -> processes.Server:
+    """learner_command() run with a fresh key until it is live (`progress`: a bar's words): its Server, whose
+    URL and key it writes to `env_file` (default: .env) for the flow. NotLive if it does not come up."""
     url, key = f"http://127.0.0.1:{port}/score", secrets.token_urlsafe(32)
     # The environment wins over .env: the endpoint finds its own URL there, so keeps this key (endpoint_key()).
     env = {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": key}
     if env_file is not None:
         env["FINETUNE_PHI_ENV_FILE"] = str(env_file)
     return processes.serve(learner_command(port, form, model_dir), f"http://127.0.0.1:{port}/", url=url, key=key,
-                           log=log, env=env, cwd=ROOT, timeout=3600)
+                           log=log, env=env, cwd=ROOT, timeout=3600, progress=progress)
 
 
 def main(argv=None):

@@ -10,14 +10,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import requests
+from tqdm import tqdm
 
 STOP_GRACE_S = 5
+LOG_EVERY_S = 30  # a bar written to a file (a log, not a terminal): one line at most this often
 
 
 class NotLive(RuntimeError):
@@ -65,19 +68,45 @@ def log_tail(log: Path | None, lines: int = 40) -> str:
     return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_until_live(process: subprocess.Popen, url: str, timeout: float = 600, log: Path | None = None) -> float:
+class _LogLines:
+    """tqdm's stream when stderr is a file: each refresh on a line of its own, not over the last one with \\r."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def waiting_bar(desc: str | None) -> tqdm:
+    """A bar of the time waited so far on stderr, refreshed live in a terminal, every LOG_EVERY_S in a log
+    (`desc` None: none)."""
+    terminal = sys.stderr.isatty()
+    return tqdm(desc=desc, disable=desc is None, bar_format="{desc}: {elapsed} waited",
+                file=sys.stderr if terminal else _LogLines(sys.stderr), mininterval=0.5 if terminal else LOG_EVERY_S)
+
+
+def wait_until_live(process: subprocess.Popen, url: str, timeout: float = 600, log: Path | None = None,
+                    progress: str | None = None) -> float:
     """Poll `url` until it answers 200; return the seconds it took. NotLive if the process exits first
-    or `timeout` passes."""
+    or `timeout` passes. `progress`: what a bar of the wait says (None: no bar)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if process.poll() is not None:
-            raise NotLive(f"exited with code {process.returncode} while starting\n{log_tail(log)}".rstrip())
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return time.monotonic() - started
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
+    with waiting_bar(progress) as bar:
+        while time.monotonic() - started < timeout:
+            if process.poll() is not None:
+                raise NotLive(f"exited with code {process.returncode} while starting\n{log_tail(log)}".rstrip())
+            try:
+                if requests.get(url, timeout=5).status_code == 200:
+                    return time.monotonic() - started
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+            bar.update()
     raise NotLive(f"not live at {url} after {timeout:.0f} s\n{log_tail(log)}".rstrip())
 
 
@@ -132,12 +161,13 @@ class Server:
 
 def serve(command, live_url: str, url: str | None = None, key: str | None = None, log: Path | None = None,
           env: dict | None = None, cwd: Path | None = None, timeout: float = 600, stop_signal: int = signal.SIGTERM,
-          **popen) -> Server:
-    """Start `command` (as start()) and wait until `live_url` answers: the live Server at `url` (default:
-    `live_url`) with `key`. NotLive if it does not come up; then, as on Ctrl-C meanwhile, it is stopped."""
+          progress: str | None = None, **popen) -> Server:
+    """Start `command` (as start()) and wait until `live_url` answers (`progress`: a bar's words): the live
+    Server at `url` (default: `live_url`) with `key`. NotLive if it does not come up; then, as on Ctrl-C
+    meanwhile, it is stopped."""
     process = start(command, log, env, cwd, **popen)
     try:
-        live_s = wait_until_live(process, live_url, timeout, log)
+        live_s = wait_until_live(process, live_url, timeout, log, progress)
     except BaseException:
         stop(process, sig=stop_signal)
         raise

@@ -255,6 +255,24 @@ def test_ctrl_c_or_sigterm_stops_the_server_and_its_workers_while_it_generates(f
         local.stop()
 
 
+def test_a_wait_written_to_a_log_is_a_few_whole_lines(tmp_path, capfd):
+    # `make local > make-local.log 2>&1`: a server that takes seconds to be live gets a bar's first and last
+    # state, each on a line of its own, not a line (or a carriage return) per poll.
+    from serving import processes
+
+    port = free_port()
+    server = (f"import time, http.server; time.sleep(3); "
+              f"http.server.HTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler).serve_forever()")
+    with processes.serve([sys.executable, "-c", server], f"http://127.0.0.1:{port}/", log=tmp_path / "server.log",
+                         cwd=tmp_path, progress="Loading the int4 model") as live:
+        assert live.live_s >= 3
+    written = capfd.readouterr().err
+    assert "\r" not in written
+    first, last = written.splitlines()
+    assert first == "Loading the int4 model: 00:00 waited"
+    assert re.fullmatch(r"Loading the int4 model: 00:0[3-9] waited", last), last
+
+
 @pytest.mark.parametrize("own_session", [True, False])
 def test_stop_ends_a_server_and_its_children_in_or_out_of_a_session_of_their_own(own_session):
     from serving.processes import stop
