@@ -1,8 +1,9 @@
 """What the benchmark scripts share: the machine's description, tables and RESULT lines, ultrachat-shaped
 synthetic chats and a model of Phi-3.5-mini's size with random weights.
 
-Import it first: it keeps the tools' state under .scratch/bench (never `~`) and the Hugging Face Hub
-offline (settings already made, by the tests or by you, win), and makes the project importable.
+Import it first, once the project is on sys.path: it keeps the tools' state under .scratch/bench (never `~`)
+and the Hugging Face Hub offline (settings already made, by the tests or by you, win), and makes
+fine_tune.py's folder importable.
 """
 
 import json
