@@ -194,8 +194,8 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
 
 def learner_command(port: int, form: str = "int4", model_dir: Path | None = None) -> list[str]:
     """`python deploy_model.py --local` on `port`, serving `model_dir` (default: the newest local model of `form`)."""
-    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port), "--form", form]
-    return command + (["--model-dir", str(model_dir)] if model_dir else [])
+    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
+    return command + (["--model-dir", str(model_dir)] if model_dir else ["--form", form])
 
 
 def start_in_background(port: int, form: str = "int4", model_dir: Path | None = None, log: Path | None = None,
