@@ -118,12 +118,17 @@ def require(*names: str) -> None:
             sys.exit(placeholder_error(name))
 
 
+def saved_setting(name: str) -> str:
+    """A setting as .env holds it now, read again from disk ("" if it holds none)."""
+    return _read_env_file().get(name) or ""
+
+
 def current_setting(name: str, default: str = "") -> str:
     """A setting as it is now: the environment, else .env read again from disk, else its default.
 
     For long-running processes (the Prompt flow) that must see a .env rewritten after they started.
     """
-    return os.environ.get(name) or _read_env_file().get(name) or globals().get(name, default)
+    return os.environ.get(name) or saved_setting(name) or globals().get(name, default)
 
 
 def save_settings(**settings: str) -> Path:

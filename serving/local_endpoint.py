@@ -150,7 +150,7 @@ def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path,
 
 def write_settings(url: str, key: str) -> Path:
     """The URI and key into .env for the flow; say so when they replace an Azure endpoint's."""
-    previous = config.current_setting("AZURE_ML_ENDPOINT")
+    previous = config.saved_setting("AZURE_ML_ENDPOINT")
     env_file = config.save_settings(AZURE_ML_ENDPOINT=url, AZURE_ML_API_KEY=key)
     if previous and not config.is_placeholder(previous) and not is_local(previous):
         print(f"Replaced the Azure endpoint {previous} in {env_file}; `python deploy_model.py --connect` "
