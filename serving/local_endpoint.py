@@ -5,7 +5,7 @@ and {"input_data": [...], "params": {...}}, answered with a JSON list of strings
 liveness probe. The server is azmlinfsrv (azureml-inference-server-http) 1.5.1, the one Azure runs
 in every managed online deployment, in its own virtualenv .venv-azmlinfsrv (`make setup` builds
 it; see serving/requirements-azmlinfsrv.txt), running serving/scoring/score.py, which answers as Azure's MLflow
-scoring does (README: "What the local endpoint is, and is not"). serving/gateway.py starts it bound
+scoring does (docs/local-endpoint.md). serving/gateway.py starts it bound
 to 127.0.0.1 and checks the key, as Azure's gateway does; the key travels in plain HTTP here.
 
 The key is a fresh random one, or the one in .env when .env already points at a local endpoint
