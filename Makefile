@@ -9,7 +9,7 @@ SERVER_VENV := .venv-azmlinfsrv
 # virtualenv, with nothing of .venv's.
 AGENT_VENV := .venv-agent
 
-.PHONY: local test setup clean bench-openvino
+.PHONY: local test setup clean
 
 # Run the whole tutorial on this machine (no Azure account, no GPU, no Hub needed).
 local: setup
@@ -27,10 +27,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(SERVER_VENV)/.installed: requirements-azmlinfsrv.txt $(VENV)/.installed
+$(SERVER_VENV)/.installed: serving/requirements-azmlinfsrv.txt $(VENV)/.installed
 	test -x $(SERVER_VENV)/bin/python || $(PYTHON) -m venv $(SERVER_VENV)
 	rm -f $(SERVER_VENV)/lib/python*/site-packages/finetune_phi_main_venv.pth
-	$(SERVER_VENV)/bin/python -m pip install --quiet -r requirements-azmlinfsrv.txt
+	$(SERVER_VENV)/bin/python -m pip install --quiet -r serving/requirements-azmlinfsrv.txt
 	$(SERVER_VENV)/bin/python -m pip check
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
 	  "$$($(SERVER_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/finetune_phi_main_venv.pth"
@@ -43,18 +43,6 @@ $(AGENT_VENV)/.installed: chat/requirements-agent.txt
 	$(AGENT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(AGENT_VENV)/bin/python -m pip install --quiet -r chat/requirements-agent.txt
 	$(AGENT_VENV)/bin/python -m pip check
-	touch $@
-
-# OpenVINO GenAI against the int4 form (benchmarks/bench_openvino.py), in a virtualenv of its own; not part of the
-# tests. Needs the model `python benchmarks/bench_serving.py --big-endpoint` builds.
-OPENVINO_VENV := .scratch/venv-openvino
-bench-openvino: $(OPENVINO_VENV)/.installed
-	$(OPENVINO_VENV)/bin/python benchmarks/bench_openvino.py
-
-$(OPENVINO_VENV)/.installed: benchmarks/requirements-openvino.txt
-	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
-	$(OPENVINO_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(OPENVINO_VENV)/bin/python -m pip install --quiet --no-deps -r benchmarks/requirements-openvino.txt
 	touch $@
 
 # Remove what runs wrote (data, models, MLflow store, scratch); keeps .venv and .env.

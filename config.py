@@ -14,15 +14,16 @@ from pathlib import Path
 
 from dotenv import dotenv_values, set_key
 
-PROJECT_DIR = Path(__file__).resolve().parent
-ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", PROJECT_DIR / ".env"))
+ROOT = Path(__file__).resolve().parent  # the project's folder, for every script that names a file in it
+ENV_FILE = Path(os.environ.get("FINETUNE_PHI_ENV_FILE", ROOT / ".env"))
 
 
 def _read_env_file() -> dict:
     return dotenv_values(ENV_FILE) if ENV_FILE.is_file() else {}
 
 
-# Read, not exported: .env's values never leak into the environment of the processes we start.
+# Read, not exported: .env's values, read here or written by save_settings(), never reach the environment of
+# the processes a script starts; those read .env themselves.
 _ENV_FILE_VALUES = _read_env_file()
 
 
@@ -117,19 +118,24 @@ def require(*names: str) -> None:
             sys.exit(placeholder_error(name))
 
 
+def saved_setting(name: str) -> str:
+    """A setting as .env holds it now, read again from disk ("" if it holds none)."""
+    return _read_env_file().get(name) or ""
+
+
 def current_setting(name: str, default: str = "") -> str:
     """A setting as it is now: the environment, else .env read again from disk, else its default.
 
     For long-running processes (the Prompt flow) that must see a .env rewritten after they started.
     """
-    return os.environ.get(name) or _read_env_file().get(name) or globals().get(name, default)
+    return os.environ.get(name) or saved_setting(name) or globals().get(name, default)
 
 
 def save_settings(**settings: str) -> Path:
-    """Write settings into the untracked .env file (created if missing) and into this module."""
+    """Write settings into the untracked .env file (created if missing) and into this module, not into the
+    environment: a process started afterwards reads them from .env, as current_setting() does."""
     ENV_FILE.touch(mode=0o600, exist_ok=True)
     for name, value in settings.items():
         set_key(str(ENV_FILE), name, value, quote_mode="never")
-        os.environ[name] = value
         globals()[name] = value
     return ENV_FILE

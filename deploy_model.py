@@ -44,7 +44,7 @@ from serving.forms import FORMS, PROBE_PERIOD_S, scoring_env
 COMPUTE_INSTANCE_TYPE = "Standard_E4s_v3"
 # The int4 form is served with the project's scoring script (the local endpoint's), in an environment
 # of its pinned, CPU-only requirements (docs/azure-runtime.md, "The deployment, per form").
-SCORING_DIR = config.PROJECT_DIR / "serving" / "scoring"
+SCORING_DIR = config.ROOT / "serving" / "scoring"
 SERVING_IMAGE = OPENMPI_IMAGE
 SERVING_ENV_NAME = "finetune-phi-int4-serving"
 DEPLOY_SETTINGS = ("AZURE_MANAGED_IDENTITY_CLIENT_ID", "AZURE_MANAGED_IDENTITY_RESOURCE_ID", "AZURE_MODEL_NAME",
@@ -221,7 +221,7 @@ def delete_command(is_rehearsal: bool) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.local:
-        from serving.endpoint import serve_local
+        from serving.local_endpoint import serve_local
 
         return serve_local(args.model_dir, args.port, folder=FORMS[args.form].local_folder)
     if args.connect:

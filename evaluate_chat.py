@@ -46,10 +46,10 @@ from pathlib import Path
 import config
 from chat_evaluation import EvaluationStopped, adversarial, baseline, collect, report, scoring
 from chat_evaluation.collect import ChatUnderTest, display
+from config import ROOT
 from finetuning_dir.paired import MIN_QUESTIONS
 from serving.forms import FORMS
 
-ROOT = Path(__file__).resolve().parent
 OUTPUTS = ROOT / "outputs"
 # Enough to tell an F1 difference of about 0.03 (at a per-question SD of 0.08, 8 times in 10), in about 6 minutes
 # of answers per model in the int4 form: docs/evaluation.md, "How many questions".
@@ -239,7 +239,7 @@ def evaluate_chat(args) -> Path:
     report.write_results(run_dir, settings, results, found, endpoints, how, seconds, differences, args.primary)
     from local import mlflow_store
 
-    store = mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts") if "MLFLOW_TRACKING_URI" not in os.environ else {}
+    store = mlflow_store.unless_set(OUTPUTS)
     run_id = report.log_to_mlflow(run_dir, settings, found, list(results), report.judge_tokens(results), store)
     print(f"\nResults: {display(run_dir)} (results.json, table.txt, the answers); MLflow run {run_id}")
     failed = report.unscored(found, list(results))

@@ -33,11 +33,11 @@ from azure_steps.jobs import cancel, stream_to_the_end
 from azure_steps.preflight import ClusterPlan, plan_cluster
 from azure_steps.prices import cost_for
 
-CONDA_FILE = config.PROJECT_DIR / "conda.yml"
-FINETUNING_DIR = config.PROJECT_DIR / "finetuning_dir"  # Path to the fine-tuning script
+CONDA_FILE = config.ROOT / "conda.yml"
+FINETUNING_DIR = config.ROOT / "finetuning_dir"  # Path to the fine-tuning script
 TRAINING_ENV_NAME = "phi-3-training-environment"  # Name of the training environment
 EXPERIMENT_NAME = "finetune-phi"
-LOCAL_OUTPUTS = config.PROJECT_DIR / "outputs"
+LOCAL_OUTPUTS = config.ROOT / "outputs"
 
 
 @dataclass(frozen=True)
@@ -206,11 +206,9 @@ def run_locally(args, extra_args) -> Path:
         [*extra_args, "--checkpoint_dir", str(run_dir / "checkpoints")],
     )
     cmd[0] = sys.executable
-    env = {**os.environ}
-    if "MLFLOW_TRACKING_URI" not in env:  # a store of the learner's own wins
-        from local import mlflow_store
+    from local import mlflow_store
 
-        env.update(mlflow_store.prepare(LOCAL_OUTPUTS / "mlflow.db", LOCAL_OUTPUTS / "mlartifacts"))
+    env = {**os.environ, **mlflow_store.unless_set(LOCAL_OUTPUTS)}
     print(f"Running locally in {FINETUNING_DIR.name}/: {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=FINETUNING_DIR, env=env).returncode != 0:
         sys.exit("setup_ml.py: local fine-tuning failed (see the messages above)")

@@ -1,7 +1,7 @@
 """Serving: the local endpoint's latency and tokens/s, what the Prompt flow adds, and the answers of a
 Phi-3.5-mini-sized model on this CPU.
 
-Default: the local endpoint (`python -m serving.endpoint`: azmlinfsrv and the learner's scoring script)
+Default: the local endpoint (`python -m serving.local_endpoint`: azmlinfsrv and the learner's scoring script)
 serves an MLflow model (default: the tiny Phi-3 saved by fine_tune.py's save_mlflow_model), `pf flow
 serve --engine fastapi` the flow on it. Calls are the flow tool's (a fresh connection, greedy), alternate
 endpoint / flow so that noise hits both alike: p50/p99 latency of --calls sequential calls, tokens/s
@@ -104,12 +104,12 @@ class Servers:
 
     def start(self, name: str, command: list, live_url: str, **env) -> float:
         """Start a server; return the seconds until `live_url` answered."""
-        log = self.work / f"{name}.log"
-        self.running.append(processes.start(command, log=log, env={**self.env, **env}, cwd=common.ROOT))
         try:
-            return processes.wait_until_live(self.running[-1], live_url, timeout=3600, log=log)
+            self.running.append(processes.serve(command, live_url, log=self.work / f"{name}.log",
+                                                env={**self.env, **env}, cwd=common.ROOT, timeout=3600))
         except processes.NotLive as e:
             raise SystemExit(f"bench_serving.py: {name} {e}")
+        return self.running[-1].live_s
 
     def endpoint(self, model_dir: Path, workers: int = 1, threads: str = "default", server_threads: int | None = None,
                  **env) -> tuple[str, float]:
@@ -120,7 +120,7 @@ class Servers:
         env.update(WORKER_COUNT=str(workers), AZURE_ML_ENDPOINT=f"http://127.0.0.1:{port}/score")
         if threads != "default":
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        command = [sys.executable, "-m", "serving.endpoint", "--model-dir", model_dir, "--port", port]
+        command = [sys.executable, "-m", "serving.local_endpoint", "--model-dir", model_dir, "--port", port]
         if server_threads:
             command += ["--threads", server_threads]
         live_s = self.start(f"endpoint-{port}", command, f"http://127.0.0.1:{port}/", **env)
@@ -137,8 +137,8 @@ class Servers:
 
     def stop_all(self):
         """Stop every server started so far, and whatever runs under it."""
-        for process in reversed(self.running):
-            processes.stop(process)
+        for server in reversed(self.running):
+            server.stop()
         self.running.clear()
 
     def __enter__(self):
@@ -375,7 +375,7 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
         # Waits past the request limit, so that a queued call is timed rather than lost.
         call = endpoint_call(url, servers.key, opts.max_new_tokens, timeout=4 * REQUEST_LIMIT_S)
         served.append({"name": name, "form": form, "serving": serving, "threads": threads, "url": url,
-                       "load_s": load_s, "call": call, "process": servers.running[-1]})
+                       "load_s": load_s, "call": call, "process": servers.running[-1].process})
     clients_list = [int(c) for c in opts.big_clients.split(",")]
     bursts = {(i, clients): [] for i in range(len(served)) for clients in clients_list}
     probes = {key: ProbeWatch(served[key[0]]["url"].removesuffix("/score")) for key in bursts}
@@ -467,7 +467,7 @@ def main(argv=None):
             opts.model_dir = Path(tmp) / "tiny-model"
             ft.save_mlflow_model(tiny_phi3.build_model(tokenizer), tokenizer, str(opts.model_dir))
         common.print_header("Serving", {**vars(opts), "question": QUESTION, "decoding": "greedy",
-                                        "server": "azmlinfsrv 1.5.1 (serving/endpoint.py)", "flow_engine": "fastapi"})
+                                        "server": "azmlinfsrv 1.5.1 (serving/local_endpoint.py)", "flow_engine": "fastapi"})
         if opts.big:
             payload["big"] = measure_big(opts)
         if opts.big_endpoint:

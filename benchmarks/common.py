@@ -1,8 +1,9 @@
 """What the benchmark scripts share: the machine's description, tables and RESULT lines, ultrachat-shaped
 synthetic chats and a model of Phi-3.5-mini's size with random weights.
 
-Import it first: it keeps the tools' state under .scratch/bench (never `~`) and the Hugging Face Hub
-offline (settings already made, by the tests or by you, win), and makes the project importable.
+Import it first, once the project is on sys.path: it keeps the tools' state under .scratch/bench (never `~`)
+and the Hugging Face Hub offline (settings already made, by the tests or by you, win), and makes
+fine_tune.py's folder importable.
 """
 
 import json
@@ -13,7 +14,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from config import ROOT  # the bench scripts put the project on sys.path first
+
 SCRATCH = ROOT / ".scratch" / "bench"
 SCRATCH.mkdir(parents=True, exist_ok=True)
 for _name, _value in {
@@ -22,9 +24,8 @@ for _name, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
 }.items():
     os.environ.setdefault(_name, _value)
-for _path in (ROOT, ROOT / "finetuning_dir"):  # fine_tune.py imports its neighbours (chat_data, ...) by name
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(ROOT / "finetuning_dir") not in sys.path:  # fine_tune.py imports its neighbours (chat_data, ...) by name
+    sys.path.insert(0, str(ROOT / "finetuning_dir"))
 
 import torch  # noqa: E402  (now that the environment is set)
 from transformers import AutoModelForCausalLM, Phi3Config  # noqa: E402

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from chat.endpoint_client import EndpointError
+from config import ROOT
 from serving import processes
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 AGENT_PYTHON = ROOT / ".venv-agent" / "bin" / "python"
 SETUP = "build it with `make setup` (chat/requirements-agent.txt)"
@@ -50,15 +50,13 @@ def agent_chat(settings: dict, log: Path):
     command = [AGENT_PYTHON, "-m", "chat.serve_agent", "--port", port]
     log.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(16)  # in the environment: out of `ps`, and out of the log
-    server = processes.start(command, log=log, env={**settings, "DEVUI_AUTH_TOKEN": token}, cwd=ROOT)
     try:
-        try:
-            processes.wait_until_live(server, f"http://localhost:{port}/health", timeout=120, log=log)
-        except processes.NotLive as e:
-            raise EndpointError(f"the Agent Framework chat {str(e).splitlines()[0]}; see {log}") from None
-        yield AgentChat(f"http://localhost:{port}", token)
-    finally:
-        processes.stop(server)
+        server = processes.serve(command, f"http://localhost:{port}/health", url=f"http://localhost:{port}", key=token,
+                                 log=log, env={**settings, "DEVUI_AUTH_TOKEN": token}, cwd=ROOT, timeout=120)
+    except processes.NotLive as e:
+        raise EndpointError(f"the Agent Framework chat {str(e).splitlines()[0]}; see {log}") from None
+    with server:
+        yield AgentChat(server.url, server.key)
 
 
 def ask_the_agent(question: str, outputs: Path = OUTPUTS) -> str:

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from config import ROOT
 from local import pf_home
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
 
 

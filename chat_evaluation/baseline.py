@@ -13,11 +13,10 @@ from pathlib import Path
 
 from chat_evaluation import EvaluationStopped
 from chat_evaluation.collect import display
-from serving import processes
+from config import ROOT
+from serving import local_endpoint, processes
 from serving.forms import FORMS
 
-ROOT = Path(__file__).resolve().parent.parent
-LIVE_TIMEOUT_S = 3600  # Phi-3.5-mini loads in minutes on a CPU
 # The untrained model as fine_tune.py saves a fine-tuned one: the same MLflow flavour, signature and template.
 WRITE_MLFLOW_MODEL = """
 import sys, fine_tune
@@ -38,7 +37,7 @@ def mlflow_model(model: str, cache: Path) -> Path:
         return folder
     print(f"Writing {model} as an MLflow model into {display(folder)} (once), as fine_tune.py writes its model ...",
           flush=True)
-    # In a process of its own: fine_tune.py's imports (torch, its own chat_data) stay out of this one.
+    # In a process of its own: fine_tune.py's imports (torch, transformers, TRL) stay out of this one.
     result = subprocess.run([sys.executable, "-c", WRITE_MLFLOW_MODEL, model, str(folder)], cwd=ROOT / "finetuning_dir",
                             capture_output=True, text=True)
     if result.returncode:
@@ -77,18 +76,12 @@ def served(model_dir: Path, form: str, run_dir: Path):
     fine-tuned endpoint. The server is stopped however the block ends: an error, Ctrl-C, or SIGTERM (main() turns
     it into KeyboardInterrupt)."""
     port, env_file, log = processes.free_port(), run_dir / "baseline.env", run_dir / "baseline-endpoint.log"
-    command = [sys.executable, "deploy_model.py", "--local", "--model-dir", str(model_dir), "--port", str(port),
-               "--form", form]
     print(f"Serving the baseline {display(model_dir)} ({form}) at http://127.0.0.1:{port}/score (log: {display(log)}) ...",
           flush=True)
-    process = processes.start(command, log=log, cwd=ROOT, env={"FINETUNE_PHI_ENV_FILE": str(env_file)})
     try:
-        try:
-            seconds = processes.wait_until_live(process, f"http://127.0.0.1:{port}/", LIVE_TIMEOUT_S, log)
-        except processes.NotLive as e:
-            raise EvaluationStopped(f"the baseline's local endpoint {str(e).splitlines()[0]}; see {display(log)}")
-        print(f"The baseline is live after {seconds:.0f} s.", flush=True)
-        settings = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
-        yield settings["AZURE_ML_ENDPOINT"], settings["AZURE_ML_API_KEY"]
-    finally:
-        processes.stop(process)
+        server = local_endpoint.start_in_background(port, form, model_dir, log, env_file)
+    except processes.NotLive as e:
+        raise EvaluationStopped(f"the baseline's local endpoint {str(e).splitlines()[0]}; see {display(log)}")
+    with server:
+        print(f"The baseline is live after {server.live_s:.0f} s.", flush=True)
+        yield server.url, server.key

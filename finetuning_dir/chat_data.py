@@ -7,7 +7,14 @@ sits in finetuning_dir so that it travels with fine_tune.py into the Azure ML jo
 
 import json
 import os
+import sys
 from dataclasses import dataclass
+
+# One module under both of its names: fine_tune.py, run from this folder as the Azure ML job runs it, imports
+# `chat_data`; the project's scripts import `finetuning_dir.chat_data`. Where both meet in one process (the
+# tests, the benchmarks), two copies would each raise a ChatDataError the other's `except` does not catch.
+sys.modules.setdefault("chat_data", sys.modules[__name__])
+sys.modules.setdefault("finetuning_dir.chat_data", sys.modules[__name__])
 
 ROLES = ("system", "user", "assistant")
 

@@ -4,8 +4,9 @@ A SQLite tracking store alone puts every artifact (fine_tune.py's eval_answers.j
 `./mlruns` of whatever folder the first process happened to run in. `prepare()` creates the
 experiment with its artifact location next to the database instead, and returns the environment
 variables that make fine_tune.py log there, with MLflow's usage telemetry off (MLflow 3 sends it
-by default, from a background thread). Inside an Azure ML job none of this applies: the job
-sets MLflow to the workspace's store.
+by default, from a background thread). `unless_set()` is the choice every local run makes: a store
+of the learner's own (MLFLOW_TRACKING_URI) wins. Inside an Azure ML job none of this applies: the
+job sets MLflow to the workspace's store.
 """
 
 import os
@@ -25,3 +26,10 @@ def prepare(database: Path, artifacts: Path, experiment: str = EXPERIMENT) -> di
     if client.get_experiment_by_name(experiment) is None:
         client.create_experiment(experiment, artifact_location=artifacts.resolve().as_uri())
     return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def unless_set(outputs: Path) -> dict:
+    """prepare()'s store in `outputs` (mlflow.db, mlartifacts/), or {} when MLFLOW_TRACKING_URI names the learner's own."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        return {}
+    return prepare(outputs / "mlflow.db", outputs / "mlartifacts")

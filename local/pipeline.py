@@ -30,12 +30,12 @@ import sys
 from pathlib import Path
 
 
+from config import ROOT
 from local import mlflow_store
 from chat.ask_agent import ask_the_agent
 from chat.ask_flow import ask_the_flow
-from serving import processes
+from serving import local_endpoint, processes
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
 QUESTION = "Who founded Microsoft?"
@@ -70,32 +70,29 @@ def fine_tune(model_name: str | None) -> None:
     run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
 
 
-def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> subprocess.Popen:
+def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> processes.Server:
     """`deploy_model.py --local` (default: the newest local model of `form`) in the background, once it is live."""
-    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
-    command += ["--model-dir", str(model_dir)] if model_dir else ["--form", form]
     log = OUTPUTS / f"local-endpoint-{form}.log"
     print(f"\n== Step 3: serve the {form} model at a local endpoint (in the background; log: "
-          f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(command)}", flush=True)
-    process = processes.start(command, log=log, cwd=ROOT)
+          f"{os.path.relpath(log, ROOT)})\n$ {shlex.join(local_endpoint.learner_command(port, form, model_dir))}",
+          flush=True)
     try:
-        processes.wait_until_live(process, f"http://127.0.0.1:{port}/", timeout=3600, log=log)
+        endpoint = local_endpoint.start_in_background(port, form, model_dir, log, progress=f"Loading the {form} model")
     except processes.NotLive as e:
-        processes.stop(process)
         sys.exit(f"local pipeline: the local endpoint {str(e).splitlines()[0]}; see {os.path.relpath(log, ROOT)}")
-    print(f"The endpoint is live at http://127.0.0.1:{port}/score (URI and key written to .env).")
-    return process
+    print(f"The endpoint is live at {endpoint.url} (URI and key written to .env).")
+    return endpoint
 
 
 def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, model_dir: Path | None = None,
-                  form: str = "int4") -> tuple[str, subprocess.Popen]:
+                  form: str = "int4") -> tuple[str, processes.Server]:
     """Steps 3 and 4 for one form of the model; the endpoint is stopped afterwards unless asked to keep it."""
     endpoint = start_endpoint(port, model_dir, form)
     try:
         answer = ask_the_flow(question, outputs=OUTPUTS)
     finally:
         if not keep_endpoint:
-            processes.stop(endpoint)  # deploy_model.py --local stops its server on SIGTERM
+            endpoint.stop()  # deploy_model.py --local stops its server on SIGTERM
     print(f"\nQ: {question}\nA ({form}): {answer}")
     return answer, endpoint
 
@@ -152,8 +149,7 @@ def main(argv=None):
     parser.add_argument("--eval-questions", type=int, default=20,
                         help="questions of the test data step 5 asks both models (default: 20; 0 skips step 5)")
     args = parser.parse_args(argv)
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # a store of the learner's own wins
-        os.environ.update(mlflow_store.prepare(OUTPUTS / "mlflow.db", OUTPUTS / "mlartifacts"))
+    os.environ.update(mlflow_store.unless_set(OUTPUTS))  # every step's runs in one store
     OUTPUTS.mkdir(exist_ok=True)
 
     try:
@@ -169,15 +165,14 @@ def main(argv=None):
         if args.eval_questions:
             from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
 
-            from serving.endpoint import latest_local_model
-
             evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats,
-                              fine_tuned=latest_local_model())
+                              fine_tuned=local_endpoint.latest_local_model())
     finally:
         if not args.keep_endpoint:
-            processes.stop(endpoint)
-    running = (f"\n\nThe int4 endpoint is still running (pid {endpoint.pid}, port {args.port}): skip terminal 1, "
-               f"and stop it with `kill {endpoint.pid}`." if args.keep_endpoint else "")
+            endpoint.stop()
+    pid = endpoint.process.pid
+    running = (f"\n\nThe int4 endpoint is still running (pid {pid}, port {args.port}): skip terminal 1, "
+               f"and stop it with `kill {pid}`." if args.keep_endpoint else "")
     print(CHAT_HOW_TO.format(running=running))
 
 

@@ -9,7 +9,7 @@ liveness route `GET /` stays open, as Azure's probes reach it without a key.
     .venv-azmlinfsrv/bin/python -m serving.gateway --entry_script serving/scoring/score.py --model_dir ... --port 5001
 
 LOCAL_ENDPOINT_KEY (required) and LOCAL_ENDPOINT_HOST come from the environment
-(serving/endpoint.py sets them). This file runs inside .venv-azmlinfsrv.
+(serving/local_endpoint.py sets them). This file runs inside .venv-azmlinfsrv.
 """
 
 import hmac

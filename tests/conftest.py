@@ -155,6 +155,13 @@ def options_without_help(parse) -> list[str]:
             for action in caught[0]._actions if action.dest != "help" and not action.help]
 
 
+def one_line_naming(message: str, *facts: str) -> None:
+    """An error as the learner meets it: one line that names each of `facts` (a file, a number, a command)."""
+    lines = message.strip().splitlines()
+    assert len(lines) == 1, message
+    assert [fact for fact in facts if fact not in lines[0]] == [], lines[0]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -1,11 +1,14 @@
 """config.py: the tutorial's settings, overridable from the environment and .env, never from git."""
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, is_a_setting, run_script
+from conftest import ROOT, is_a_setting, one_line_naming, run_script
 
 TUTORIAL_DEFAULTS = {
     "AZURE_SUBSCRIPTION_ID": "your_subscription_id",
@@ -42,10 +45,6 @@ def load_config(tmp_path, monkeypatch):
 
     yield load
     monkeypatch.undo()
-    # Reloading loaded .env into the environment and save_settings() exported what it wrote;
-    # the session has none of these set (conftest clears them).
-    for name in [name for name in os.environ if is_a_setting(name)]:
-        os.environ.pop(name, None)
     importlib.reload(config)
 
 
@@ -77,23 +76,19 @@ def test_require_names_the_unfilled_setting(load_config):
     config = load_config(env={"AZURE_SUBSCRIPTION_ID": "sub-123"})
     with pytest.raises(SystemExit) as stop:
         config.require("AZURE_SUBSCRIPTION_ID", "AZURE_ML_WORKSPACE_NAME")
-    assert str(stop.value) == (
-        "config: AZURE_ML_WORKSPACE_NAME is still the placeholder 'your_workspace_name'; "
-        "set it in .env (copy .env.example) or export AZURE_ML_WORKSPACE_NAME=..."
-    )
+    one_line_naming(str(stop.value), "AZURE_ML_WORKSPACE_NAME", "'your_workspace_name'", ".env.example",
+                    "export AZURE_ML_WORKSPACE_NAME=")
     with pytest.raises(SystemExit) as stop:
         config.require("AZURE_MANAGED_IDENTITY_RESOURCE_ID")
-    assert "set AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP_NAME and AZURE_MANAGED_IDENTITY_NAME" in str(stop.value)
+    one_line_naming(str(stop.value), "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_MANAGED_IDENTITY_NAME")
 
 
 def test_unfilled_placeholder_stops_a_script_with_one_line(tmp_path):
     result = run_script(["-c", "import config; config.require('AZURE_ENDPOINT_NAME'); print('went on')"], cwd=ROOT)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        "config: AZURE_ENDPOINT_NAME is still the placeholder 'your_fine_tuned_model_endpoint_name'; "
-        "set it in .env (copy .env.example) or export AZURE_ENDPOINT_NAME=..."
-    ]
+    one_line_naming(result.stderr, "AZURE_ENDPOINT_NAME", "'your_fine_tuned_model_endpoint_name'", ".env.example",
+                    "export AZURE_ENDPOINT_NAME=")
 
 
 def test_save_settings_writes_dotenv_and_keeps_other_lines(load_config, tmp_path):
@@ -114,12 +109,28 @@ def test_a_new_env_file_is_readable_by_its_owner_only(load_config, tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_no_secret_or_env_file_is_tracked():
-    ignored = (ROOT / ".gitignore").read_text().splitlines()
-    assert ".env" in ignored
+def test_git_leaves_env_out_and_tracks_the_example(tmp_path):
+    # A repository with the project's .gitignore, a filled .env and the example: `git add -A` takes the example only.
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for name in (".gitignore", ".env.example"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / ".env").write_text("AZURE_ML_API_KEY=a-real-key\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    tracked = subprocess.run([*git, "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(tracked) == [".env.example", ".gitignore"]
+    assert subprocess.run([*git, "check-ignore", "-q", ".env"]).returncode == 0
     example = (ROOT / ".env.example").read_text()
-    for name in TUTORIAL_DEFAULTS:
-        assert name in example, name
+    assert [name for name in TUTORIAL_DEFAULTS if name not in example] == []
+
+
+def test_processes_started_after_save_settings_get_no_setting(load_config):
+    config = load_config(dotenv="AZURE_SUBSCRIPTION_ID=sub-123\n")
+    config.save_settings(AZURE_ML_ENDPOINT="http://127.0.0.1:5001/score", AZURE_ML_API_KEY="k3y")
+    child = subprocess.run([sys.executable, "-c", "import json, os; print(json.dumps(sorted(os.environ)))"],
+                           capture_output=True, text=True, check=True)
+    assert [name for name in json.loads(child.stdout) if is_a_setting(name)] == []
+    assert config.current_setting("AZURE_ML_API_KEY") == "k3y"  # where this process and the flow read it
 
 
 def test_env_file_is_read_not_exported_and_can_be_read_again(load_config, tmp_path, monkeypatch):
@@ -131,16 +142,3 @@ def test_env_file_is_read_not_exported_and_can_be_read_again(load_config, tmp_pa
     monkeypatch.setenv("AZURE_ML_ENDPOINT", "http://exported/score")
     assert config.current_setting("AZURE_ML_ENDPOINT") == "http://exported/score"
     assert config.current_setting("AZURE_ML_TEMPERATURE") == ""
-
-
-def test_the_suite_starts_from_no_setting_of_the_learners_shell():
-    # Every name config.py or the flow reads is cleared by conftest before any test runs: a value
-    # exported in the learner's shell (AZURE_ML_TEMPERATURE, say) must not change what a test sees.
-    import re
-
-    import integrate_with_promptflow
-
-    read = set(re.findall(r'_setting\(\s*"([A-Z_]+)"', (ROOT / "config.py").read_text()))
-    read |= set(integrate_with_promptflow.SETTINGS)
-    assert {"AZURE_ML_TEMPERATURE", "AZURE_ML_MAX_NEW_TOKENS", "AZURE_ML_ENDPOINT", "TRAIN_DATA_PATH"} <= read
-    assert all(is_a_setting(name) for name in read), sorted(name for name in read if not is_a_setting(name))

@@ -2,13 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
 import download_dataset
-from conftest import ROOT, options_without_help, run_main, run_script, write_jsonl
+from conftest import ROOT, one_line_naming, options_without_help, run_main, run_script, write_jsonl
 from stand_ins import sample_chats
 
 SCRIPT = ROOT / "download_dataset.py"
@@ -136,14 +138,13 @@ def test_unreachable_hub_suggests_dataset_flag(tmp_path):
     result = run([], cwd=tmp_path)  # HF_HUB_OFFLINE=1 stands in for no network
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("download_dataset.py: could not load 'HuggingFaceH4/ultrachat_200k' from the Hugging Face Hub")
-    assert "pass --dataset with a local dataset folder or a .jsonl/.parquet file" in line
+    one_line_naming(line, "'HuggingFaceH4/ultrachat_200k'", "Hugging Face Hub", "--dataset", ".jsonl")
     assert "Traceback" not in result.stderr
 
 
 def test_missing_local_file_and_too_few_rows(tmp_path, sample_file):
     result = run(["--dataset", "nope.jsonl"], cwd=tmp_path)
-    assert result.stderr.strip() == "download_dataset.py: nope.jsonl: no such file or folder"
+    one_line_naming(result.stderr, "download_dataset.py", "nope.jsonl", "no such file")
     result = run(["--dataset", sample_file, "--split", "train[:1]"], cwd=tmp_path)
     assert "1 row(s) cannot be split; load at least 2" in result.stderr
     assert result.returncode != 0
@@ -157,3 +158,15 @@ def test_help_explains_every_flag():
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
     assert options_without_help(download_dataset.main) == []
     assert os.linesep + "    python download_dataset.py --split" in result.stdout
+
+
+@pytest.mark.parametrize("first, then", [("chat_data", "finetuning_dir.chat_data"),
+                                         ("finetuning_dir.chat_data", "chat_data")])
+def test_chat_data_is_one_module_whichever_name_imports_it_first(first, then):
+    # fine_tune.py imports `chat_data` (its folder is the job's), the project's scripts `finetuning_dir.chat_data`:
+    # an error one raises, the other catches.
+    code = (f"import importlib, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/finetuning_dir']\n"
+            f"raising, catching = importlib.import_module('{first}'), importlib.import_module('{then}')\n"
+            "try:\n    raising.check_rows([], 'chats.jsonl')\nexcept catching.ChatDataError as e:\n    print('caught', e)")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "caught chats.jsonl: has no rows", result.stderr[-2000:]

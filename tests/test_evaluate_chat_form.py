@@ -14,7 +14,7 @@ from test_evaluate_chat import SlowEndpoint
 
 import config
 import deploy_model
-from serving import endpoint as local_endpoint
+from serving import local_endpoint
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, fine_tune, options_without_help, run_main, run_script, tracking_uri_of, write_jsonl
+from conftest import (ROOT, fine_tune, one_line_naming, options_without_help, run_main, run_script, tracking_uri_of,
+                      write_jsonl)
 
 QUESTION = "Who founded Microsoft?"
 SUMMARY = re.compile(r"test loss (\d+\.\d{3}) → (\d+\.\d{3}) \(perplexity (\S+) → (\S+)\)")
@@ -247,9 +248,7 @@ def test_the_evaluation_explains_its_flags_and_refuses_bad_input(tmp_path, capsy
     bad.write_text('{"messages": [\n')
     with pytest.raises(SystemExit) as stop:
         evaluate_model.main(["--model", str(tmp_path), "--eval-file", str(bad)])
-    assert str(stop.value) == (
-        f"evaluate_model.py: {bad}: line 1 is not valid JSON (Expecting value); each line must be one JSON object"
-    )
+    one_line_naming(str(stop.value), "evaluate_model.py", str(bad), "line 1", "not valid JSON")
     with pytest.raises(SystemExit) as stop:
         evaluate_model.main(["--model", str(tmp_path / "no-model"), "--eval-file", str(ROOT / "tests" / "nope.jsonl")])
     assert str(stop.value).startswith("evaluate_model.py: ") and "no such file" in str(stop.value)
@@ -402,15 +401,13 @@ def test_missing_file_and_non_empty_output_are_refused(ft, tmp_path, tiny_model_
         "--model-name", tiny_model_dir, "--train-file", tmp_path / "nope.jsonl", "--eval-file", chat_files[1],
         "--model_output_dir", tmp_path / "model"], cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"fine_tune.py: {tmp_path / 'nope.jsonl'}: no such file; run download_dataset.py first or pass the right path"
-    )
+    one_line_naming(result.stderr, f"{tmp_path / 'nope.jsonl'}: no such file", "download_dataset.py")
 
     out = tmp_path / "earlier"
     write_jsonl(out / "keep.jsonl", [{"kept": True}])
     message = stopped(ft, model_name=str(tiny_model_dir), train_file=str(chat_files[0]),
                       eval_file=str(chat_files[1]), model_output_dir=str(out))
-    assert message == f"fine_tune.py: --model_output_dir {out} is not empty; pass a new folder (nothing in it was touched)"
+    one_line_naming(message, f"--model_output_dir {out}", "not empty", "new folder")
     assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
 
 

@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from chat_fixtures import ANSWER, QUESTION, Endpoint, flow_answer, pf_flow_test, quiet_pf_home  # noqa: F401
-from conftest import ROOT, options_without_help, run_main, run_script, write_jsonl
+from conftest import ROOT, one_line_naming, options_without_help, run_main, run_script, write_jsonl
 
 QUANTIZE = ROOT / "finetuning_dir" / "quantize_model.py"
 
@@ -145,10 +145,7 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path, chat_files):
     out = tmp_path / "model-int4"
     result = quantize_in_process(["--model-dir", tmp_path, "--output-dir", out], cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"quantize_model.py: {tmp_path} is not an MLflow model folder (no MLmodel file); pass the folder "
-        "fine_tune.py wrote as --model_output_dir, e.g. outputs/models/<run>/model"
-    )
+    one_line_naming(result.stderr, "quantize_model.py", str(tmp_path), "MLmodel", "--model_output_dir")
     assert not out.exists()
 
 
@@ -157,9 +154,7 @@ def test_a_non_empty_output_is_left_alone(fine_tuned_model, tmp_path):
     write_jsonl(out / "keep.jsonl", [{"kept": True}])
     result = quantize_in_process(["--model-dir", fine_tuned_model, "--output-dir", out], cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"quantize_model.py: --output-dir {out} is not empty; pass a new folder (nothing in it was touched)"
-    )
+    one_line_naming(result.stderr, f"--output-dir {out}", "not empty", "new folder")
     assert [p.name for p in out.iterdir()] == ["keep.jsonl"]
 
 

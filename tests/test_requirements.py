@@ -73,7 +73,7 @@ def test_the_int4_serving_environment_pins_what_the_int4_model_requires():
     for requirement in quantize_model.serving_requirements():
         name, version = requirement.split("==")
         assert serving.get(name.lower()) == version, requirement
-    server = pins((ROOT / "requirements-azmlinfsrv.txt").read_text().splitlines())
+    server = pins((ROOT / "serving" / "requirements-azmlinfsrv.txt").read_text().splitlines())
     assert serving["azureml-inference-server-http"] == server["azureml-inference-server-http"]
     assert not any(name.startswith(("torch", "nvidia", "onnxruntime-gpu", "onnxruntime-genai-cuda")) for name in serving)
 

@@ -59,7 +59,7 @@ def find_mlflow_model(root: Path) -> Path:
     found = sorted({p.parent for pattern in ("*/MLmodel", "*/*/MLmodel") for p in root.glob(pattern)})
     if len(found) != 1:
         raise FileNotFoundError(f"{root}: expected one MLflow model folder (with an MLmodel file), found {len(found)}")
-    # resolve(): MLflow refuses a model reached through a symlink (serving/endpoint.py stages one).
+    # resolve(): MLflow refuses a model reached through a symlink (serving/local_endpoint.py stages one).
     return found[0].resolve()
 
 

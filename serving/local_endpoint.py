@@ -4,8 +4,8 @@ It speaks what the tutorial's endpoint speaks: POST /score with `Authorization: 
 and {"input_data": [...], "params": {...}}, answered with a JSON list of strings; GET / is the
 liveness probe. The server is azmlinfsrv (azureml-inference-server-http) 1.5.1, the one Azure runs
 in every managed online deployment, in its own virtualenv .venv-azmlinfsrv (`make setup` builds
-it; see requirements-azmlinfsrv.txt), running serving/scoring/score.py, which answers as Azure's MLflow
-scoring does (README: "What the local endpoint is, and is not"). serving/gateway.py starts it bound
+it; see serving/requirements-azmlinfsrv.txt), running serving/scoring/score.py, which answers as Azure's MLflow
+scoring does (docs/local-endpoint.md). serving/gateway.py starts it bound
 to 127.0.0.1 and checks the key, as Azure's gateway does; the key travels in plain HTTP here.
 
 The key is a fresh random one, or the one in .env when .env already points at a local endpoint
@@ -16,23 +16,23 @@ there are replaced; `python deploy_model.py --connect` writes them back, with no
 Ctrl-C or SIGTERM stops the server and its workers within seconds, whatever they are doing.
 
     python deploy_model.py --local                        # the learner's command
-    python -m serving.endpoint --model-dir outputs/models/<run>/model --port 5001
+    python -m serving.local_endpoint --model-dir outputs/models/<run>/model --port 5001
 """
 
 import argparse
+import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import config
+from config import ROOT
 from serving import processes
 from serving.forms import FORMS, PROBE_THREADS, scoring_env, worker_threads
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "outputs" / "models"
 SCORE_SCRIPT = ROOT / "serving" / "scoring" / "score.py"
 AZMLINFSRV_VENV = ROOT / ".venv-azmlinfsrv"
@@ -107,8 +107,10 @@ def stage_model(model_dir: Path, staging: Path) -> Path:
 
 
 def server_environment(azureml_model_dir: Path, host: str, key: str, threads: int | None = None) -> dict:
+    """The server's environment over ours: the key it checks, and none of the project's AZURE_* settings."""
     scoring = scoring_env(FORMS["int4"], threads)  # the int4 deployment's threads and request limit
     return {
+        **{name: None for name in os.environ if name.startswith("AZURE_")},
         "AZUREML_MODEL_DIR": str(azureml_model_dir),
         "LOCAL_ENDPOINT_KEY": key,
         "LOCAL_ENDPOINT_HOST": host,
@@ -132,18 +134,16 @@ def _die_with_parent():
 
 
 def start_server(model_dir: Path, host: str, port: int, key: str, staging: Path,
-                 threads: int | None = None) -> subprocess.Popen:
-    """Start azmlinfsrv on `model_dir`, staged under `staging`; its output goes to ours."""
+                 threads: int | None = None) -> processes.Server:
+    """azmlinfsrv on `model_dir`, staged under `staging`, once it is live; its output goes to ours."""
     print(f"Starting azmlinfsrv with {model_dir} ...", flush=True)
     azureml_model_dir = stage_model(model_dir, staging)
-    return processes.start(server_command(azureml_model_dir, port), cwd=ROOT,
-                           env=server_environment(azureml_model_dir, host, key, threads), preexec_fn=_die_with_parent)
-
-
-def wait_until_live(process: subprocess.Popen, base_url: str) -> None:
-    """Wait until the liveness route answers 200; the model loads in between."""
-    try:
-        processes.wait_until_live(process, base_url + "/", timeout=3600)
+    base_url = f"http://{host}:{port}"
+    try:  # the model loads before the liveness route answers
+        return processes.serve(server_command(azureml_model_dir, port), base_url + "/", url=base_url + "/score",
+                               key=key, cwd=ROOT, env=server_environment(azureml_model_dir, host, key, threads),
+                               timeout=3600, stop_signal=signal.SIGINT,  # gunicorn's quick shutdown
+                               preexec_fn=_die_with_parent)
     except processes.NotLive as e:
         sys.exit(f"local endpoint: the server {str(e).splitlines()[0]}; see its output above")
 
@@ -155,7 +155,7 @@ def form_of(model_dir: Path) -> str:
 
 def write_settings(url: str, key: str, form: str) -> Path:
     """The URI, key and form into .env for the flow and step 5; say so when they replace an Azure endpoint's."""
-    previous = config.current_setting("AZURE_ML_ENDPOINT")
+    previous = config.saved_setting("AZURE_ML_ENDPOINT")
     env_file = config.save_settings(AZURE_ML_ENDPOINT=url, AZURE_ML_API_KEY=key, AZURE_ML_ENDPOINT_FORM=form)
     if previous and not config.is_placeholder(previous) and not is_local(previous):
         print(f"Replaced the Azure endpoint {previous} in {env_file}; `python deploy_model.py --connect` "
@@ -177,25 +177,43 @@ def serve_local(model_dir: Path | None, port: int = 5001, host: str = "127.0.0.1
     staging = tempfile.TemporaryDirectory(prefix="finetune-phi-endpoint-")
     # SIGTERM (a service manager, the pipeline, a test) stops the server as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    process = None
+    server = None
     try:
-        process = start_server(model_dir, host, port, key, Path(staging.name), threads)
-        wait_until_live(process, base_url)
+        server = start_server(model_dir, host, port, key, Path(staging.name), threads)
         print(
-            f"\nLocal endpoint ready: {base_url}/score (liveness: GET {base_url}/)\n"
+            f"\nLocal endpoint ready: {server.url} (liveness: GET {base_url}/)\n"
             f"Its URI and key are in {env_file} (AZURE_ML_ENDPOINT, AZURE_ML_API_KEY).\n"
             "Chat with it: pf flow serve --source ./ --port 8080 --host localhost --engine fastapi\n"
             "Ctrl-C stops it.",
             flush=True,
         )
-        process.wait()
-        sys.exit(f"local endpoint: the server stopped with code {process.returncode}")
+        server.process.wait()
+        sys.exit(f"local endpoint: the server stopped with code {server.process.returncode}")
     except KeyboardInterrupt:
         print("\nStopping the local endpoint.", flush=True)
     finally:
-        if process is not None:
-            processes.stop(process, sig=signal.SIGINT)  # gunicorn's quick shutdown, then whatever is left
+        if server is not None:
+            server.stop()  # then whatever is left of it
         staging.cleanup()
+
+
+def learner_command(port: int, form: str = "int4", model_dir: Path | None = None) -> list[str]:
+    """`python deploy_model.py --local` on `port`, serving `model_dir` (default: the newest local model of `form`)."""
+    command = [sys.executable, "deploy_model.py", "--local", "--port", str(port)]
+    return command + (["--model-dir", str(model_dir)] if model_dir else ["--form", form])
+
+
+def start_in_background(port: int, form: str = "int4", model_dir: Path | None = None, log: Path | None = None,
+                        env_file: Path | None = None, progress: str | None = None) -> processes.Server:
+    """learner_command() run with a fresh key until it is live (`progress`: a bar's words): its Server, whose
+    URL and key it writes to `env_file` (default: .env) for the flow. NotLive if it does not come up."""
+    url, key = f"http://127.0.0.1:{port}/score", secrets.token_urlsafe(32)
+    # The environment wins over .env: the endpoint finds its own URL there, so keeps this key (endpoint_key()).
+    env = {"AZURE_ML_ENDPOINT": url, "AZURE_ML_API_KEY": key}
+    if env_file is not None:
+        env["FINETUNE_PHI_ENV_FILE"] = str(env_file)
+    return processes.serve(learner_command(port, form, model_dir), f"http://127.0.0.1:{port}/", url=url, key=key,
+                           log=log, env=env, cwd=ROOT, timeout=3600, progress=progress)
 
 
 def main(argv=None):
