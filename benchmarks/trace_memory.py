@@ -40,6 +40,7 @@ def parse_args(argv=None):
     flag("--batch-size", type=int, default=4, help="per-device batch size (the tutorial's: 4)")
     flag("--max-length", type=int, default=2048, help="tokens per row (the tutorial's: 2048)")
     flag("--layers", type=int, help="decoder layers (default: Phi-3.5-mini's 32)")
+    flag("--model", default="phi35-mini", choices=common.BIG_MODELS, help="whose config: phi35-mini or phi4-mini")
     return parser.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def trace(precision: str, opts) -> dict:
     """Peak live tensor bytes per category during the second of two training steps."""
     dtype = ft.weights_dtype(precision, trained_weights=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = common.random_phi35_mini(dtype, opts.layers)
+        model = common.random_phi35_mini(dtype, opts.layers, opts.model)
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -77,7 +78,7 @@ def main(argv=None):
     """Trace each precision; print the table and the RESULT line."""
     opts = parse_args(argv)
     common.print_header("Peak tensor memory of a fine-tuning step, traced on fake tensors", {
-        **vars(opts), "model": "Phi-3.5-mini-instruct's config, fake weights", "layers": opts.layers or 32,
+        **vars(opts), "weights": "fake", "layers": opts.layers or 32,
         "full fine-tune": True, "gradient_checkpointing": True, "attention": "sdpa", "optimizer": "AdamW (fused)"})
     rows = []
     for precision in opts.precisions.split(","):

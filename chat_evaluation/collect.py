@@ -122,7 +122,7 @@ def ask(endpoint: Endpoint, question: str, timeout: float) -> str:
 
     if endpoint.through is not None:
         return endpoint.through(question)
-    return model.query_azml_endpoint(model.phi3_prompt(question), endpoint.url, endpoint.key, timeout, endpoint.params)
+    return model.query_azml_endpoint(model.chat_input(question), endpoint.url, endpoint.key, timeout, endpoint.params)
 
 
 def collect_answers(endpoint: Endpoint, questions, path: Path, timeout: float) -> float:

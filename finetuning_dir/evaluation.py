@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import mlflow
 import torch
 
+from chat_data import as_trained
+
 logger = logging.getLogger("fine_tune")
 
 DEFAULT_QUESTIONS = 3
@@ -67,7 +69,8 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
     if not questions:
         return []
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(as_trained([{"role": "user", "content": q.text}]), tokenize=False,
+                                      add_generation_prompt=True)
         for q in questions
     ]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation pads on the left

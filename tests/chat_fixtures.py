@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from chat.endpoint import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
+from chat.endpoint import chat_input  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
 from finetuning_dir.chat_data import PREDICT_PARAMS
 from local import pf_home
