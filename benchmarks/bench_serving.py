@@ -272,10 +272,6 @@ def int4_form(opts) -> Path:
     return model_dir.with_name("model-int4")
 
 
-def folder_mib(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
-
-
 def torch_generator(dtype_name: str, opts, tokenizer, prompt: str):
     """A timed `generate(n)` of exactly n new tokens by a Phi-3.5-mini-sized torch model; the prompt's tokens."""
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -333,14 +329,15 @@ def measure_big(opts) -> list[dict]:
             longer = statistics.median([generate(opts.big_tokens) for _ in range(2)])
             per_token = (longer - first) / (opts.big_tokens - 1)
             rows.append({"model": opts.big_model, "form": form, "threads": threads, "layers": opts.big_layers or 32,
-                         "int4_mib": folder_mib(int4_form(opts)) if form == "int4" else None,
+                         "int4_mib": sum(f.stat().st_size for f in int4_form(opts).rglob("*") if f.is_file()) / 2**20
+                         if form == "int4" else None,
                          "prompt_tokens": prompt_tokens, "first_token_s": first, "per_token_s": per_token,
                          "tokens_per_s": 1 / per_token, "est_128_tokens_s": first + 127 * per_token,
                          "fits_180_s": first + 127 * per_token < REQUEST_LIMIT_S})
         torch.set_num_threads(default_threads)
         del generate
-    common.print_table(rows, ["model", "form", "threads", "layers", "int4_mib", "prompt_tokens", "first_token_s", "per_token_s",
-                              "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
+    common.print_table(rows, ["model", "form", "threads", "layers", "int4_mib", "prompt_tokens", "first_token_s",
+                              "per_token_s", "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
     bf16 = next((r for r in rows if r["form"] == "bfloat16" and r["threads"] == default_threads), None)
     int4 = next((r for r in rows if r["form"] == "int4"), None)
     if bf16 and int4:

@@ -216,3 +216,16 @@ def test_make_local_runs_either_model(tmp_path, monkeypatch):
     assert "$(PY) -m local.pipeline --model $(MODEL)" in (ROOT / "Makefile").read_text()
     with pytest.raises(SystemExit):
         pipeline.main(["--model", "phi5"])
+
+
+def test_the_phi4_mini_sized_benchmark_model_has_the_real_models_size():
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from benchmarks.common import PHI4_MINI_CONFIG
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config(**PHI4_MINI_CONFIG))
+    # microsoft/Phi-4-mini-instruct: 3,836,021,760 parameters, its output layer the input embedding.
+    assert sum(p.numel() for p in model.parameters()) == 3_836_021_760
+    assert model.lm_head.weight is model.model.embed_tokens.weight
