@@ -490,6 +490,21 @@ def save_fine_tuned_model(args, trainer, tokenizer, dtype):
     logger.info("Saved the fine-tuned MLflow model to %s (%s)", args.model_output_dir, next(model.parameters()).dtype)
 
 
+def check_assistant_only_loss(args: FineTuneArguments, tokenizer) -> None:
+    """Stop with one line when --assistant-only-loss meets a chat template that neither TRL nor chat_templates.py
+    marks with {% generation %} (TRL would stop with a traceback)."""
+    if not args.assistant_only_loss or training_template(tokenizer.chat_template):
+        return
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        sys.exit(f"fine_tune.py: --assistant-only-loss: the chat template of {args.model_name} has no {{% generation %}} "
+                 "markers, and neither TRL nor finetuning_dir/chat_templates.py has a marked twin of it; add one "
+                 "there, or drop --assistant-only-loss")
+
+
 def check_eval_file(path):
     """ChatDataError unless `path` is a chat JSONL file."""
     logger.info("%s: %d conversations", path, check_jsonl_file(path))
@@ -526,6 +541,7 @@ def main(args: FineTuneArguments):
             model, tokenizer = load_model(args)
         except ModelNotLoaded as e:
             sys.exit(f"fine_tune.py: {e}; check your connection, or pass --model-name with a local model folder")
+        check_assistant_only_loss(args, tokenizer)
         train_dataset, test_dataset = load_and_preprocess_data(args.train_file, args.eval_file, tokenizer, args.num_proc,
                                                                conversational=args.assistant_only_loss)
         questions = evaluation.read_questions(args.eval_file, args.eval_questions)

@@ -229,3 +229,20 @@ def test_the_phi4_mini_sized_benchmark_model_has_the_real_models_size():
     # microsoft/Phi-4-mini-instruct: 3,836,021,760 parameters, its output layer the input embedding.
     assert sum(p.numel() for p in model.parameters()) == 3_836_021_760
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_template_nobody_marks_stops_the_assistant_only_loss_with_one_line(tmp_path, chat_files):
+    import fine_tune as ft
+
+    model = tiny_phi3.build(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(model)
+    with pytest.raises(SystemExit) as stop:
+        ft.main(ft.FineTuneArguments(model_name=str(model), train_file=str(chat_files[0]), eval_file=str(chat_files[1]),
+                                     model_output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"),
+                                     save_steps=0, assistant_only_loss=True))
+    message = str(stop.value)
+    assert message.startswith(f"fine_tune.py: --assistant-only-loss: the chat template of {model} has no ")
+    assert "finetuning_dir/chat_templates.py" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
