@@ -7,9 +7,10 @@ way, so the local endpoint (`deploy_model.py --local`) behaves as the managed en
     {"input_data": ["Who founded Microsoft?", ...], "params": {"max_new_tokens": 64, ...}}
 
 and a JSON list of strings back, one per question. A question may also be a whole chat, a list of
-{"role", "content"} messages ending with the user's, as Azure's chat-completion models take it: the chat is
-rendered with the model's own chat template (its MLmodel metadata, which fine_tune.py writes and the int4
-form carries on), so that follow-up questions reach any model in the format it was trained on. As in Azure's script, `run()` is declared with
+{"role", "content"} messages ending with the user's, as Azure's chat-completion models take one: it
+is rendered with the model's own chat template (in its MLmodel metadata, which fine_tune.py writes
+and the int4 form carries on), so that a follow-up reaches any model in the format it was trained
+on (docs/models.md). As in Azure's script, `run()` is declared with
 inference-schema's decorators: azmlinfsrv itself parses the body and answers 415 for a content
 type other than JSON and 400 (with its own messages) for a body that is not JSON or not an object,
 or has no input_data; input_data is a list and params an object with the model signature's params;
@@ -155,7 +156,7 @@ def problem_with(input_data, params) -> str | None:
         if isinstance(text, list) and chat_problem(text):
             return f"input_data[{i}]: {chat_problem(text)}"
         if not isinstance(text, (str, list)) or not text or isinstance(text, str) and not text.strip():
-            return f"input_data[{i}] must be a question (a non-empty string) or a chat, got {str(text)[:60]!r}"
+            return f"input_data[{i}] must be a question (a non-empty string), got {str(text)[:60]!r}"
     params = params or {}
     # Values the model would fail on deep inside generation, refused here.
     tokens, temperature = params.get("max_new_tokens"), params.get("temperature")
