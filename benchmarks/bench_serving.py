@@ -8,9 +8,10 @@ endpoint / flow so that noise hits both alike: p50/p99 latency of --calls sequen
 (answer tokens per second of latency), then --concurrency clients at once, 10 calls each; "flow -
 endpoint" is what the flow adds. Once per --workers (azmlinfsrv WORKER_COUNT) and --threads value.
 
---big: a Phi-3.5-mini-sized model, random weights, in process, in each of --big-forms: bfloat16, float32
-(transformers' generate, as the transformers MLflow model runs) and int4 (onnxruntime-genai, as the int4
-MLflow model runs): the first token, each further one, so 128 tokens against the 180 s request limit.
+--big: a Phi-3.5-mini-sized model (--big-model phi4-mini: Phi-4-mini-sized), random weights, in process,
+in each of --big-forms: bfloat16, float32 (transformers' generate, as the transformers MLflow model
+runs) and int4 (onnxruntime-genai, as the int4 MLflow model runs): the first token, each further one,
+so 128 tokens against the 180 s request limit.
 --big-endpoint: that model as the MLflow models deploy_model.py serves (--big-endpoint-forms), behind
 the local endpoint with the deployment's settings for its form (serving/forms.py): seconds until live
 (what the probes wait for), then one answer of 128 tokens alone and bursts of --big-clients clients
@@ -85,8 +86,7 @@ def parse_args(argv=None):
                                                 "once; 1 (first) is one answer alone, the others' ratio is to it")
     flag("--big-rounds", type=int, default=3, help="with --big-endpoint: bursts of clients per number of clients")
     flag("--big-layers", type=int, help="with --big or --big-endpoint: only this many layers (a quick check)")
-    flag("--big-model", default="phi35-mini", choices=common.BIG_MODELS, help="with --big or --big-endpoint: whose "
-                                                                             "size: phi35-mini or phi4-mini")
+    flag("--big-model", default="phi35-mini", choices=common.BIG_MODELS, help="with --big/--big-endpoint: whose size")
     return parser.parse_args(argv)
 
 

@@ -127,9 +127,8 @@ PHI35_MINI_CONFIG = {
 }
 
 
-# microsoft/Phi-4-mini-instruct's config.json where it differs from Phi-3.5-mini's (3,836,021,760 parameters): a
-# 200,064-token vocabulary, tied embeddings, 24 heads on 8 KV heads, rotary embeddings on 3/4 of each head. Its
-# LongRoPE factors (48 a list) are set to 1.0: they change the rotation's angles, not its cost.
+# microsoft/Phi-4-mini-instruct's config.json where it differs from Phi-3.5-mini's (3,836,021,760 parameters); its 48
+# LongRoPE factors a list are set to 1.0 here: they change the rotation's angles, not its cost.
 PHI4_MINI_CONFIG = {**PHI35_MINI_CONFIG, "vocab_size": 200064, "tie_word_embeddings": True, "num_attention_heads": 24,
                     "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
                     "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48}}
