@@ -202,6 +202,7 @@ def train(setting: Setting, mode: str, runner: str, data, opts, work: Path) -> d
     params = dict(trainer.model.named_parameters())
     n_lora = sum(p.numel() for name, p in params.items() if "lora_" in name)
     n = sum(p.numel() for name, p in params.items() if p.dim() >= 2 and "embed_tokens" not in name) - n_lora
+    n += model.get_output_embeddings().weight.numel() if config.tie_word_embeddings else 0  # Phi-4-mini's, listed once
     flops = (6 * n if mode == "full" else 4 * n + 6 * n_lora) * tokens + 6 * config.num_hidden_layers * width * squares
     row = {
         "setting": setting.name, "attn": setting.attn, "packing": setting.strategy, "mode": mode, "runner": runner,
