@@ -151,8 +151,6 @@ def test_phi4_fine_tunes_learns_and_saves_its_own_template(phi4_run):
 
 def test_phi4_int4_chats_through_the_local_endpoint_the_flow_and_step_5(phi4_run, tiny_phi4_dir, chat_files,
                                                                      quiet_pf_home, tmp_path, monkeypatch, capfd):
-    from test_evaluate_chat import no_nltk_data  # noqa: F401  (the fixture's function, called below)
-
     from local import pipeline
 
     endpoint = Endpoint(phi4_run / "model-int4", tmp_path)
@@ -180,11 +178,12 @@ def test_phi4_int4_chats_through_the_local_endpoint_the_flow_and_step_5(phi4_run
         assert flow.ask(QUESTION, []).json() == {"answer": ANSWER}
         assert flow.ask(FOLLOW_UP, [chat_turn(QUESTION, ANSWER)]).json() == {"answer": FOLLOW_UP_ANSWER}
         flow.stop()
+        flow = None
 
         # Step 5 as make local MODEL=phi4 runs it: the fine-tuned int4 model against its base, served as int4 here.
         monkeypatch.setattr(pipeline, "OUTPUTS", tmp_path)
         for name, value in (("FINETUNE_PHI_ENV_FILE", endpoint.env_file), ("TEST_DATA_PATH", chat_files[1]),
-                            ("NLTK_DATA", tmp_path / "no-nltk-data")):
+                            ("NLTK_DATA", tmp_path / "no-nltk-data")):  # offline scores only, as make local's
             monkeypatch.setenv(name, str(value))
         pipeline.evaluate_the_chat(tiny_phi4_dir, 4, sample_chats=True, form="int4", stand_in="phi4")
     finally:
