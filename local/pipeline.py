@@ -24,6 +24,7 @@ Each step is the learner's own command, printed before it runs:
 """
 
 import argparse
+import importlib
 import os
 import shlex
 import subprocess
@@ -35,15 +36,13 @@ from local import mlflow_store
 from local.ask_agent import ask_the_agent
 from local.ask_flow import ask_the_flow
 from serving import processes
-from stand_ins import tiny_phi3, tiny_phi4
-from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
 QUESTION = "Who founded Microsoft?"
 # The tiny models step 2 builds when no --model-name is given (--model), and what the table calls them.
-STAND_INS = {"phi3": tiny_phi3, "phi4": tiny_phi4}
+STAND_INS = {"phi3": "stand_ins.tiny_phi3", "phi4": "stand_ins.tiny_phi4"}  # imported when used: they load torch
 STAND_IN_NAMES = {"phi3": "Phi-3", "phi4": "Phi-4-mini"}
 CHAT_HOW_TO = """
 To chat with the model in your browser, in two terminals:
@@ -75,7 +74,9 @@ def fine_tune(model_name: str | None, stand_in: str) -> None:
     """Step 2; without `model_name`, on the tiny stand-in `stand_in` (setup_ml.py --local builds the Phi-3 one)."""
     command = [sys.executable, "setup_ml.py", "--local"]
     if not model_name and stand_in != "phi3":
-        tiny = STAND_INS[stand_in]
+        from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS
+
+        tiny = importlib.import_module(STAND_INS[stand_in])
         if not (tiny.TINY_MODEL_DIR / "config.json").exists():
             tiny.build(tiny.TINY_MODEL_DIR)
         command += ["--model-name", tiny.TINY_MODEL_DIR, "--", *TINY_TRAINING_FLAGS]
@@ -168,7 +169,7 @@ def main(argv=None):
     try:
         print(f"\nQ: {QUESTION}\nA (int4, Agent Framework): {ask_the_agent(QUESTION, OUTPUTS)}")
         if args.eval_questions:
-            base = args.model_name or STAND_INS[args.model].TINY_MODEL_DIR  # the base step 2 fine-tuned
+            base = args.model_name or importlib.import_module(STAND_INS[args.model]).TINY_MODEL_DIR  # step 2's base
             evaluate_the_chat(base, args.eval_questions, sample_chats, stand_in=args.model)
     finally:
         if not args.keep_endpoint:
