@@ -11,9 +11,11 @@ AGENT_VENV := .venv-agent
 
 .PHONY: local test setup clean
 
-# Run the whole tutorial on this machine (no Azure account, no GPU, no Hub needed).
+# Run the whole tutorial on this machine (no Azure account, no GPU, no Hub needed); MODEL=phi4: with a
+# tiny Phi-4-mini instead of a tiny Phi-3.
+MODEL ?= phi3
 local: setup
-	$(PY) -m local.pipeline
+	$(PY) -m local.pipeline --model $(MODEL)
 
 # Run the test suite.
 test: setup

@@ -47,9 +47,9 @@ def flow_turns(chat_history: list | None) -> list[tuple[str, str]]:
     return turns
 
 
-def phi3_prompt(question: str, chat_history: list | None) -> str:
-    """The question after the earlier turns of Prompt flow's chat_history, in Phi-3's chat format."""
-    return endpoint_client.phi3_prompt(question, flow_turns(chat_history))
+def chat_input(question: str, chat_history: list | None):
+    """The question after the earlier turns of Prompt flow's chat_history, as the chat sends it to the endpoint."""
+    return endpoint_client.chat_input(question, flow_turns(chat_history))
 
 
 def setup_asyncio_policy():

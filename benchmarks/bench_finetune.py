@@ -65,9 +65,9 @@ def parse_args(argv=None):
     """The command line; every flag's help says what it changes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = parser.add_argument
-    flag("--model", help="tiny (stand_ins/tiny_phi3.py), phi35-mini (Phi-3.5-mini-instruct's config, random "
+    flag("--model", help="tiny (stand_ins/tiny_phi3.py), phi35-mini or phi4-mini (that model's config, random "
                          "weights) or a model folder (default: tiny on a CPU, phi35-mini on a GPU)")
-    flag("--layers", type=int, help="with --model phi35-mini: only this many layers (a quick check)")
+    flag("--layers", type=int, help="with --model phi35-mini or phi4-mini: only this many layers (a quick check)")
     flag("--settings", default="tutorial,default", help="comma-separated: tutorial, default, ATTN:STRATEGY (above)")
     flag("--precisions", default="auto", help="comma-separated fine_tune.py --precision values: bf16 (the "
                                               "tutorial's), bf16-mixed, fp32, auto (what fine_tune.py picks here)")
@@ -202,6 +202,7 @@ def train(setting: Setting, mode: str, runner: str, data, opts, work: Path) -> d
     params = dict(trainer.model.named_parameters())
     n_lora = sum(p.numel() for name, p in params.items() if "lora_" in name)
     n = sum(p.numel() for name, p in params.items() if p.dim() >= 2 and "embed_tokens" not in name) - n_lora
+    n += model.get_output_embeddings().weight.numel() if config.tie_word_embeddings else 0  # Phi-4-mini's, listed once
     flops = (6 * n if mode == "full" else 4 * n + 6 * n_lora) * tokens + 6 * config.num_hidden_layers * width * squares
     row = {
         "setting": setting.name, "attn": setting.attn, "packing": setting.strategy, "mode": mode, "runner": runner,
@@ -263,8 +264,8 @@ def main(argv=None):
         work = Path(tmp)
         if opts.model == "tiny":
             opts.model = tiny_phi3.build(work / "tiny-phi3")
-        elif opts.model == "phi35-mini":
-            opts.model = common.phi35_mini_mlflow(opts.layers)
+        elif opts.model in common.BIG_MODELS:
+            opts.model = common.phi35_mini_mlflow(opts.layers, opts.model)
         common.print_header("Fine-tuning throughput", {
             **vars(opts), "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
             "peak_source": peak_source, "learning_rate": ft.FineTuneArguments().learning_rate,

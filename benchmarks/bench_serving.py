@@ -8,9 +8,10 @@ endpoint / flow so that noise hits both alike: p50/p99 latency of --calls sequen
 (answer tokens per second of latency), then --concurrency clients at once, 10 calls each; "flow -
 endpoint" is what the flow adds. Once per --workers (azmlinfsrv WORKER_COUNT) and --threads value.
 
---big: a Phi-3.5-mini-sized model, random weights, in process, in each of --big-forms: bfloat16, float32
-(transformers' generate, as the transformers MLflow model runs) and int4 (onnxruntime-genai, as the int4
-MLflow model runs): the first token, each further one, so 128 tokens against the 180 s request limit.
+--big: a Phi-3.5-mini-sized model (--big-model phi4-mini: Phi-4-mini-sized), random weights, in process,
+in each of --big-forms: bfloat16, float32 (transformers' generate, as the transformers MLflow model
+runs) and int4 (onnxruntime-genai, as the int4 MLflow model runs): the first token, each further one,
+so 128 tokens against the 180 s request limit.
 --big-endpoint: that model as the MLflow models deploy_model.py serves (--big-endpoint-forms), behind
 the local endpoint with the deployment's settings for its form (serving/forms.py): seconds until live
 (what the probes wait for), then one answer of 128 tokens alone and bursts of --big-clients clients
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     flag("--big-rounds", type=int, default=3, help="with --big-endpoint: bursts of clients per number of clients")
     flag("--big-layers", type=int, help="with --big or --big-endpoint: only this many layers (a quick check)")
     flag("--agent-questions", type=int, default=0, help="instead: ask step 4b's chat server this many questions")
+    flag("--big-model", default="phi35-mini", choices=common.BIG_MODELS, help="with --big/--big-endpoint: whose size")
     return parser.parse_args(argv)
 
 
@@ -264,21 +266,20 @@ def measure_endpoint(opts, servers: Servers, tokenizer, workers: int, threads: s
     return rows
 
 
-def int4_form(layers: int | None) -> Path:
-    """quantize_model.py's int4 MLflow model of the Phi-3.5-mini-sized model, built once, in a process of its own:
-    the model builder's ~20 GB would otherwise stay with this one while the servers load."""
-    model_dir = common.phi35_mini_mlflow(layers)
+def int4_form(opts) -> Path:
+    """quantize_model.py's int4 MLflow model of the Phi-3.5-mini-sized (--big-model) model, built once, in a process
+    of its own: the model builder's ~20 GB would otherwise stay with this one while the servers load."""
+    model_dir = common.phi35_mini_mlflow(opts.big_layers, opts.big_model)
     if not (model_dir.with_name("model-int4") / "MLmodel").exists():
         subprocess.run([sys.executable, str(common.ROOT / "finetuning_dir" / "quantize_model.py"), "--model-dir",
                         str(model_dir), "--output-dir", str(model_dir.with_name("model-int4"))], check=True)
     return model_dir.with_name("model-int4")
 
 
-def torch_generator(dtype_name: str, layers: int | None, prompt: str):
+def torch_generator(dtype_name: str, opts, tokenizer, prompt: str):
     """A timed `generate(n)` of exactly n new tokens by a Phi-3.5-mini-sized torch model; the prompt's tokens."""
-    tokenizer = tiny_phi3.build_tokenizer()
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    model = common.random_phi35_mini(getattr(torch, dtype_name), layers).eval()
+    model = common.random_phi35_mini(getattr(torch, dtype_name), opts.big_layers, opts.big_model).eval()
 
     def generate(n):
         config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -315,15 +316,14 @@ def int4_generator(onnx_dir: Path, prompt: str):
 def measure_big(opts) -> list[dict]:
     """Phi-3.5-mini-sized generation in process: the first token, each further one, 128 tokens."""
     rows, default_threads = [], torch.get_num_threads()
-    # The question in the Phi-3 chat format, as the served models wrap it.
-    prompt = tiny_phi3.build_tokenizer().apply_chat_template([{"role": "user", "content": QUESTION}],
-                                                             tokenize=False, add_generation_prompt=True)
+    tokenizer = common.BIG_MODELS[opts.big_model][1].build_tokenizer()
+    prompt = ft.chat_prompt_template(tokenizer).format(prompt=QUESTION)  # as the served models wrap it
     for form in opts.big_forms.split(","):
         if form == "int4":
-            generate, prompt_tokens = int4_generator(int4_form(opts.big_layers) / "artifacts" / "onnx", prompt)
+            generate, prompt_tokens = int4_generator(int4_form(opts) / "artifacts" / "onnx", prompt)
             thread_counts = [cpu_threads()]  # int4_model.py sets onnxruntime's threads itself
         else:
-            generate, prompt_tokens = torch_generator(form, opts.big_layers, prompt)
+            generate, prompt_tokens = torch_generator(form, opts, tokenizer, prompt)
             thread_counts = [default_threads if t == "default" else int(t) for t in opts.big_threads.split(",")]
         for threads in thread_counts:
             if form != "int4":
@@ -332,14 +332,16 @@ def measure_big(opts) -> list[dict]:
             first = statistics.median([generate(1) for _ in range(2)])
             longer = statistics.median([generate(opts.big_tokens) for _ in range(2)])
             per_token = (longer - first) / (opts.big_tokens - 1)
-            rows.append({"form": form, "threads": threads, "layers": opts.big_layers or 32,
+            rows.append({"model": opts.big_model, "form": form, "threads": threads, "layers": opts.big_layers or 32,
+                         "int4_mib": sum(f.stat().st_size for f in int4_form(opts).rglob("*") if f.is_file()) / 2**20
+                         if form == "int4" else None,
                          "prompt_tokens": prompt_tokens, "first_token_s": first, "per_token_s": per_token,
                          "tokens_per_s": 1 / per_token, "est_128_tokens_s": first + 127 * per_token,
                          "fits_180_s": first + 127 * per_token < REQUEST_LIMIT_S})
         torch.set_num_threads(default_threads)
         del generate
-    common.print_table(rows, ["form", "threads", "layers", "prompt_tokens", "first_token_s", "per_token_s",
-                              "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
+    common.print_table(rows, ["model", "form", "threads", "layers", "int4_mib", "prompt_tokens", "first_token_s",
+                              "per_token_s", "tokens_per_s", "est_128_tokens_s", "fits_180_s"])
     bf16 = next((r for r in rows if r["form"] == "bfloat16" and r["threads"] == default_threads), None)
     int4 = next((r for r in rows if r["form"] == "int4"), None)
     if bf16 and int4:
@@ -352,11 +354,11 @@ def endpoint_setups(opts) -> list[tuple[str, str, str, Path, int]]:
     setups = []
     for form in opts.big_endpoint_forms.split(","):
         if form == "int4":
-            folder = int4_form(opts.big_layers)
+            folder = int4_form(opts)
             for serving in opts.big_serving.split(","):
                 setups.append(("int4", form, serving, folder, worker_threads(FORMS[form]) if serving == "batched" else 1))
         else:  # Azure serves it with its own MLflow scoring script: one request at a time
-            setups.append(("bf16 transformers", form, "in-turn", common.phi35_mini_mlflow(opts.big_layers), 1))
+            setups.append(("bf16 transformers", form, "in-turn", common.phi35_mini_mlflow(opts.big_layers, opts.big_model), 1))
     return setups
 
 
@@ -365,7 +367,7 @@ def measure_big_endpoint(opts, servers: Servers) -> list[dict]:
     answer alone, then bursts of clients asking at once, of which Azure admits 2 x max_concurrent_requests. Every
     server is up at once and the bursts take turns, round by round, so that a change in the machine's speed
     during the run hits them all alike."""
-    tokenizer = AutoTokenizer.from_pretrained(common.phi35_mini_mlflow(opts.big_layers) / "components" / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(common.phi35_mini_mlflow(opts.big_layers, opts.big_model) / "components" / "tokenizer")
     served = []
     for name, form, serving, folder, threads in endpoint_setups(opts):
         # In turn: azmlinfsrv's sync worker, one request at a time; nothing arrives together, so nothing is gathered.

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the machine's description, tables and RESULT lines, ultrachat-shaped
-synthetic chats and a model of Phi-3.5-mini's size with random weights.
+synthetic chats and models of Phi-3.5-mini's and Phi-4-mini's sizes with random weights.
 
 Import it first, once the project is on sys.path: it keeps the tools' state under .scratch/bench (never `~`)
 and the Hugging Face Hub offline (settings already made, by the tests or by you, win), and makes
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, Phi3Config  # noqa: E402
 
 import fine_tune as ft  # noqa: E402
 from stand_ins.sample_chats import FACTS, FOLLOW_UPS  # noqa: E402
-from stand_ins.tiny_phi3 import build_tokenizer  # noqa: E402
+from stand_ins import tiny_phi3, tiny_phi4  # noqa: E402
 
 
 def machine() -> dict:
@@ -128,26 +128,34 @@ PHI35_MINI_CONFIG = {
 }
 
 
-def random_phi35_mini(dtype=None, layers: int | None = None):
-    """A Phi3ForCausalLM of Phi-3.5-mini-instruct's architecture and size, random weights (bf16 by default);
-    `layers` shrinks the depth for quick checks (figures scale about linearly)."""
+# microsoft/Phi-4-mini-instruct's config.json where it differs from Phi-3.5-mini's (3,836,021,760 parameters); its 48
+# LongRoPE factors a list are set to 1.0 here: they change the rotation's angles, not its cost.
+PHI4_MINI_CONFIG = {**PHI35_MINI_CONFIG, "vocab_size": 200064, "tie_word_embeddings": True, "num_attention_heads": 24,
+                    "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+                    "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48}}
+BIG_MODELS = {"phi35-mini": (PHI35_MINI_CONFIG, tiny_phi3), "phi4-mini": (PHI4_MINI_CONFIG, tiny_phi4)}
+
+
+def random_phi35_mini(dtype=None, layers: int | None = None, model: str = "phi35-mini"):
+    """A Phi3ForCausalLM of Phi-3.5-mini-instruct's (or `model`'s: BIG_MODELS) architecture and size, random weights
+    (bf16 by default); `layers` shrinks the depth for quick checks (figures scale about linearly)."""
     torch.manual_seed(0)
-    config = Phi3Config(**{**PHI35_MINI_CONFIG, "num_hidden_layers": layers or 32})
+    config = Phi3Config(**{**BIG_MODELS[model][0], "num_hidden_layers": layers or 32})
     return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.bfloat16)
 
 
-def phi35_mini_mlflow(layers: int | None = None) -> Path:
-    """Phi-3.5-mini-sized random bf16 weights and the tiny tokenizer (its ids < 512 are valid ids of the
-    32,064-token vocabulary), saved by fine_tune.py's save_mlflow_model, built once under .scratch/bench.
+def phi35_mini_mlflow(layers: int | None = None, model: str = "phi35-mini") -> Path:
+    """Phi-3.5-mini-sized (or `model`-sized) random bf16 weights and the tiny tokenizer of that model (its ids < 512
+    are valid ids of the big vocabulary), saved by fine_tune.py's save_mlflow_model, built once under .scratch/bench.
 
     To time 128-token answers, answers must run to max_new_tokens: the output rows of special tokens (the
     end markers) and of ids the tokenizer cannot decode are zeroed, so greedy decoding picks an ordinary
     token every time. Same shapes, same compute.
     """
-    out = SCRATCH / f"phi35-mini-{layers or 32}l" / "model"
+    out = SCRATCH / f"{model}-{layers or 32}l" / "model"
     if not (out / "MLmodel").exists():
-        tokenizer = build_tokenizer()
-        model = random_phi35_mini(layers=layers)
+        tokenizer = BIG_MODELS[model][1].build_tokenizer()
+        model = random_phi35_mini(layers=layers, model=model)
         ordinary = torch.zeros(model.config.vocab_size, dtype=torch.bool)
         ordinary[: len(tokenizer)] = True
         ordinary[tokenizer.all_special_ids] = False

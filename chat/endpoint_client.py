@@ -7,8 +7,9 @@ exactly as to an Azure ML managed online endpoint (the local endpoint of `python
 --local` speaks the same). Unlike the tutorial:
   * the URI and key are read from the environment or .env at each question, never from a source
     file, so a chat started before the endpoint still finds them;
-  * the earlier turns go into the prompt in Phi-3's chat format, so follow-up questions keep their
-    context, and only the new answer comes back (return_full_text false);
+  * after earlier turns the whole chat is sent as {role, content} messages, which the endpoint renders
+    with the model's own chat template, so follow-up questions keep their context with any model, and
+    only the new answer comes back (return_full_text false);
   * the sampling temperature and answer length are settings too (AZURE_ML_TEMPERATURE, default the
     tutorial's 0.7, 0 for greedy decoding; AZURE_ML_MAX_NEW_TOKENS, default 128);
   * every request has a timeout (AZURE_ML_REQUEST_TIMEOUT seconds, default 190: a little more than
@@ -126,13 +127,13 @@ def endpoint_settings(temperature: float | None = None, max_new_tokens: int | No
     return url, key, timeout, params
 
 
-def phi3_prompt(question: str, turns: list[tuple[str, str]] = ()) -> str:
-    """The question after the earlier (question, answer) turns, in Phi-3's chat format.
-
-    The model's prompt template adds `<|user|>\\n` before the text and `<|end|>\\n<|assistant|>\\n`
-    after it, so the earlier turns go in between as `Q<|end|>\\n<|assistant|>\\nA<|end|>\\n<|user|>\\n`.
-    """
-    return "".join(f"{q}<|end|>\n<|assistant|>\n{a}<|end|>\n<|user|>\n" for q, a in turns) + question
+def chat_input(question: str, turns: list[tuple[str, str]] = ()) -> str | list[dict]:
+    """What the chat sends as its input_data: the question alone, or after the earlier (question, answer) turns the
+    whole chat as messages, which the endpoint renders with the model's own template (serving/scoring/score.py)."""
+    if not turns:
+        return question
+    earlier = [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+    return [*earlier, {"role": "user", "content": question}]
 
 
 class RetryUnlessTimedOut(Retry):
@@ -241,4 +242,4 @@ def ask(question: str, turns: list[tuple[str, str]] = (), temperature: float | N
     if not question or not question.strip():
         raise EndpointError("The question is empty: type a question for the model")
     url, key, timeout, params = endpoint_settings(temperature, max_new_tokens)
-    return query_azml_endpoint(phi3_prompt(question.strip(), turns), url, key, timeout, params)
+    return query_azml_endpoint(chat_input(question.strip(), turns), url, key, timeout, params)

@@ -140,11 +140,11 @@ def write_in_order(path: Path, answers: dict[int, dict]) -> None:
 def ask(endpoint: ChatUnderTest, question: str, timeout: float) -> str:
     """One question, alone, as the chat's first turn sends it: through a served chat, or with the call the Prompt
     flow's tool makes (chat/endpoint_client.py)."""
-    from chat.endpoint_client import phi3_prompt, query_azml_endpoint
+    from chat.endpoint_client import chat_input, query_azml_endpoint
 
     if endpoint.through is not None:
         return endpoint.through(question)
-    return query_azml_endpoint(phi3_prompt(question), endpoint.url, endpoint.key, timeout, endpoint.params)
+    return query_azml_endpoint(chat_input(question), endpoint.url, endpoint.key, timeout, endpoint.params)
 
 
 class LogLines(io.TextIOBase):

@@ -23,6 +23,13 @@ ROLES = ("system", "user", "assistant")
 PREDICT_PARAMS = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": False}
 
 
+def as_trained(messages: list) -> list:
+    """The messages as fine_tune.py renders them: after an empty system message when they have none (the
+    tutorial's), so that a served prompt is rendered as the training chats were (Phi-3.5's template drops an
+    empty system message; Phi-4-mini's renders it)."""
+    return messages if messages and messages[0]["role"] == "system" else [{"role": "system", "content": ""}, *messages]
+
+
 class ChatDataError(ValueError):
     """Data that does not hold ultrachat-shaped rows; the message names where and how to fix it."""
 

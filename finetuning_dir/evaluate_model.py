@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "fp32", "bf16"],
                         help="as fine_tune.py's --precision (default: auto: bf16 where the device computes it "
                              "natively, else fp32)")
+    parser.add_argument("--assistant-only-loss", action="store_true",
+                        help="the loss on the assistant's words only, as fine_tune.py --assistant-only-loss trains it")
     parser.add_argument("--limit", type=int,
                         help="evaluate only the first LIMIT conversations of the eval file (default: all)")
     parser.add_argument("--caption", default=None,
@@ -105,12 +107,13 @@ def evaluate_one(name: str, options, questions) -> Evaluation:
         args = ft.FineTuneArguments(
             eval_file=options.eval_file, model_name=name, max_length=options.max_length,
             batch_size=options.batch_size, precision=options.precision, save_steps=0, checkpoint_dir=scratch,
+            assistant_only_loss=options.assistant_only_loss,
         )
         if onnx_dir is None:
             model, tokenizer = ft.load_model(args, for_training=False)
         else:
             model, tokenizer = int4_stand_in(onnx_dir, args)
-        eval_dataset = ft.prepare_dataset(options.eval_file, tokenizer)
+        eval_dataset = ft.prepare_dataset(options.eval_file, tokenizer, conversational=options.assistant_only_loss)
         if options.limit:
             eval_dataset = eval_dataset.select(range(min(options.limit, len(eval_dataset))))
         conversations = conversation_ids(eval_dataset["text"], tokenizer, options.max_length)

@@ -51,8 +51,11 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
     """Greedy answers of `model` to `questions`, each asked alone in the model's chat format."""
     if not questions:
         return []
+    from chat_data import as_trained  # fine_tune.py's neighbour; step 5 imports this module as finetuning_dir's
+
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(as_trained([{"role": "user", "content": q.text}]), tokenize=False,
+                                      add_generation_prompt=True)
         for q in questions
     ]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation pads on the left

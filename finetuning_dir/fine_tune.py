@@ -6,7 +6,7 @@ machine for `setup_ml.py --local`, and in the tests with a tiny Phi-3 model on t
 
 Contract: when it ends, --model_output_dir *is* an MLflow transformers model folder (MLmodel at
 its root, task text-generation) that `mlflow.pyfunc.load_model(dir)` loads. It wraps a plain
-question in the Phi-3 chat format the model was trained on and honours max_new_tokens,
+question in the chat format the model was trained on (its own template) and honours max_new_tokens,
 temperature, do_sample and return_full_text as predict-time params. Losses and tokens/s go to
 the active MLflow tracking store (Azure ML's in a job, a local one elsewhere). Trainer
 checkpoints go to --checkpoint_dir, never into the model folder.
@@ -47,7 +47,8 @@ from trl import SFTConfig, SFTTrainer
 
 import evaluation
 import model_folder
-from chat_data import PREDICT_PARAMS, ChatDataError, check_jsonl_file
+from chat_data import PREDICT_PARAMS, ChatDataError, as_trained, check_jsonl_file
+from chat_templates import training_template
 from packed_rows import PerRowPackedCollator
 
 logging.basicConfig(
@@ -87,6 +88,10 @@ class FineTuneArguments:
     max_length: int = field(default=2048, metadata={"help": "Longest sequence, in tokens, the trainer builds."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs)."})
     warmup: float = field(default=0.2, metadata={"help": "Warm-up: a fraction of the steps if < 1, else a step count."})
+    assistant_only_loss: bool = field(
+        default=False, metadata={"help": "Train on the assistant's words only (TRL's assistant_only_loss), not on the "
+                                         "whole chat text as the tutorial does; the test loss is then theirs too."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT), merged into the model before saving."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --lora)."})
@@ -261,11 +266,14 @@ def apply_chat_template(example, tokenizer):
     """
     Apply a chat template to tokenize messages in the example.
     """
-    messages = example["messages"]
-    if messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": ""})
-    example["text"] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    example["text"] = tokenizer.apply_chat_template(as_trained(example["messages"]), tokenize=False,
+                                                    add_generation_prompt=False)
     return example
+
+
+def keep_messages(example):
+    """The conversation as messages, for TRL to render and mask itself (--assistant-only-loss)."""
+    return {"messages": as_trained(example["messages"])}
 
 
 def load_model(args, for_training: bool = True):
@@ -293,24 +301,25 @@ def saved_dtype(model_name) -> torch.dtype | None:
     return AutoConfig.from_pretrained(model_folders(model_name)[0]).dtype
 
 
-def prepare_dataset(filepath, tokenizer, num_proc=None, name="dataset"):
-    """One chat JSONL file, each conversation rendered with the model's chat template into `text`."""
+def prepare_dataset(filepath, tokenizer, num_proc=None, name="dataset", conversational=False):
+    """One chat JSONL file, each conversation rendered with the model's chat template into `text` (conversational:
+    kept as `messages`)."""
     dataset = load_dataset("json", data_files=filepath, split="train")
     return dataset.map(
-        apply_chat_template,
-        fn_kwargs={"tokenizer": tokenizer},
+        keep_messages if conversational else apply_chat_template,
+        fn_kwargs={} if conversational else {"tokenizer": tokenizer},
         num_proc=num_proc,
         remove_columns=list(dataset.features),
         desc=f"Applying chat template to {name}",
     )
 
 
-def load_and_preprocess_data(train_filepath, test_filepath, tokenizer, num_proc=None):
+def load_and_preprocess_data(train_filepath, test_filepath, tokenizer, num_proc=None, conversational=False):
     """
     Load and preprocess the dataset.
     """
-    train_dataset = prepare_dataset(train_filepath, tokenizer, num_proc, "train dataset")
-    test_dataset = prepare_dataset(test_filepath, tokenizer, num_proc, "test dataset")
+    train_dataset = prepare_dataset(train_filepath, tokenizer, num_proc, "train dataset", conversational)
+    test_dataset = prepare_dataset(test_filepath, tokenizer, num_proc, "test dataset", conversational)
     return train_dataset, test_dataset
 
 
@@ -356,6 +365,7 @@ def training_config(args: FineTuneArguments) -> SFTConfig:
         include_num_input_tokens_seen="non_padding",  # adds train_tokens_per_second to the metrics
         max_length=args.max_length,
         dataset_text_field="text",
+        assistant_only_loss=args.assistant_only_loss,
         packing=args.packing,
         packing_strategy=args.packing_strategy,
     )
@@ -379,16 +389,22 @@ def batch_collator(args: FineTuneArguments, tokenizer):
 
 
 def chat_prompt_template(tokenizer) -> str:
-    """The model's own chat template around a single user turn, as an MLflow prompt template."""
+    """The model's own chat template around a single user turn, rendered as in training, as an MLflow prompt template."""
     marker = "PROMPT_MARKER"
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        as_trained([{"role": "user", "content": marker}]), tokenize=False, add_generation_prompt=True
     )
     return rendered.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
 
 
 # Azure's generated scoring script for MLflow models imports azureml.ai.monitoring (docs/azure-runtime.md).
 AZURE_SCORING_REQUIREMENTS = ["azureml-ai-monitoring==1.0.0"]
+
+
+def chat_metadata(tokenizer) -> dict:
+    """The model's own chat template and the special tokens it names, for the endpoint to render a chat with
+    (serving/scoring/score.py); the int4 form carries them on."""
+    return {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
 
 
 def serving_requirements() -> list[str]:
@@ -409,12 +425,16 @@ def save_mlflow_model(model, tokenizer, output_dir):
             task="text-generation",
             signature=signature,
             prompt_template=chat_prompt_template(tokenizer),
+            metadata=chat_metadata(tokenizer),
             pip_requirements=serving_requirements(),
         )
 
 
 def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
     """The SFTTrainer of this script: fine-tuning, the evaluation and the benchmark all use this one."""
+    own_template = tokenizer.chat_template
+    if args.assistant_only_loss and training_template(own_template):  # TRL marks Phi-3's and Phi-3.5's itself
+        tokenizer.chat_template = training_template(own_template)
     trainer = SFTTrainer(
         model=model,
         args=training_config(args),
@@ -424,6 +444,7 @@ def build_trainer(args, model, tokenizer, train_dataset, eval_dataset):
         peft_config=lora_config(args),
         callbacks=[LogMetricsToMlflow()],
     )
+    tokenizer.chat_template = own_template  # the data is rendered: the model keeps its own template
     collator = batch_collator(args, tokenizer)
     if collator is not None:  # set afterwards: TRL refuses a custom collator with bfd's padding-free flag
         trainer.data_collator = collator
@@ -474,6 +495,21 @@ def save_fine_tuned_model(args, trainer, tokenizer, dtype):
     logger.info("Saved the fine-tuned MLflow model to %s (%s)", args.model_output_dir, next(model.parameters()).dtype)
 
 
+def check_assistant_only_loss(args: FineTuneArguments, tokenizer) -> None:
+    """Stop with one line when --assistant-only-loss meets a chat template that neither TRL nor chat_templates.py
+    marks with {% generation %} (TRL would stop with a traceback)."""
+    if not args.assistant_only_loss or training_template(tokenizer.chat_template):
+        return
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        sys.exit(f"fine_tune.py: --assistant-only-loss: the chat template of {args.model_name} has no {{% generation %}} "
+                 "markers, and neither TRL nor finetuning_dir/chat_templates.py has a marked twin of it; add one "
+                 "there, or drop --assistant-only-loss")
+
+
 def check_eval_file(path):
     """ChatDataError unless `path` is a chat JSONL file."""
     logger.info("%s: %d conversations", path, check_jsonl_file(path))
@@ -510,7 +546,9 @@ def main(args: FineTuneArguments):
             model, tokenizer = load_model(args)
         except ModelNotLoaded as e:
             sys.exit(f"fine_tune.py: {e}; check your connection, or pass --model-name with a local model folder")
-        train_dataset, test_dataset = load_and_preprocess_data(args.train_file, args.eval_file, tokenizer, args.num_proc)
+        check_assistant_only_loss(args, tokenizer)
+        train_dataset, test_dataset = load_and_preprocess_data(args.train_file, args.eval_file, tokenizer, args.num_proc,
+                                                               conversational=args.assistant_only_loss)
         questions = evaluation.read_questions(args.eval_file, args.eval_questions)
         trainer = build_trainer(args, model, tokenizer, train_dataset, test_dataset)
         saved_as = saved_dtype(args.model_name)

@@ -30,6 +30,7 @@ import model_folder
 INT4_MODEL_CODE = Path(__file__).resolve().with_name("int4_model.py")
 FORM = "int4"
 BLOCK_SIZE = 32  # the builder's default: finer blocks keep more precision than 64 or 128, at the same speed
+CHAT_METADATA = ("chat_template", "bos_token", "eos_token")  # fine_tune.py's chat_metadata()
 ACCURACY_LEVEL = 4  # int8 activations: 5x faster per token than fp32 ones on an AVX2 CPU (BENCHMARKS.md)
 
 
@@ -82,6 +83,7 @@ def serving_requirements() -> list[str]:
 def save_int4_model(onnx_dir: Path, path: Path, source: Model) -> None:
     """Write the int4 MLflow pyfunc folder around `onnx_dir`, with `source`'s signature and chat template."""
     prompt_template = source.metadata["prompt_template"]
+    chat = {key: source.metadata[key] for key in CHAT_METADATA if key in source.metadata}  # for the endpoint
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(INT4_MODEL_CODE),  # the model's code is that file, copied into the folder
@@ -93,6 +95,7 @@ def save_int4_model(onnx_dir: Path, path: Path, source: Model) -> None:
         },
         metadata={
             "prompt_template": prompt_template,
+            **chat,
             "quantization": f"int4 weights in blocks of {BLOCK_SIZE}, int8 activations (accuracy level "
                             f"{ACCURACY_LEVEL}), onnxruntime-genai {version('onnxruntime-genai')} model builder",
         },

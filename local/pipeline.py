@@ -4,7 +4,8 @@ Each step is the learner's own command, printed before it runs:
   1. download_dataset.py: the real ultrachat subset when the Hub answers (the tutorial's CPU
      tip, train_sft[:10]); otherwise ultrachat-shaped sample chats made on the spot.
   2. setup_ml.py --local: the Azure job's fine_tune.py command, run here, on a tiny Phi-3 model
-     built from a config (unless --model-name names another) into outputs/models/<run>/model.
+     built from a config (--model phi4: a tiny Phi-4-mini; --model-name: another model) into
+     outputs/models/<run>/model.
      It also writes the model's int4 ONNX serving form beside it (outputs/models/<run>/model-int4).
   3. deploy_model.py --local: each form behind a local endpoint with the Azure managed online
      endpoint's scoring contract, in the background (its URI and key go to .env), the
@@ -19,16 +20,17 @@ Each step is the learner's own command, printed before it runs:
      afterwards (--keep-endpoint leaves the int4 one running) and the way to the chat page is shown.
 
     make local            # sets up .venv first
+    make local MODEL=phi4 # the same with a tiny Phi-4-mini
     python -m local.pipeline --model-name microsoft/Phi-3.5-mini-instruct
 """
 
 import argparse
+import importlib
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-
 
 from config import ROOT
 from local import mlflow_store
@@ -39,6 +41,9 @@ from serving import local_endpoint, processes
 OUTPUTS = ROOT / "outputs"
 SAMPLE_CHATS = ROOT / "data" / "sample_chats.jsonl"
 QUESTION = "Who founded Microsoft?"
+# The tiny models step 2 builds when no --model-name is given (--model), and what the table calls them.
+STAND_INS = {"phi3": "stand_ins.tiny_phi3", "phi4": "stand_ins.tiny_phi4"}  # imported when used: they load torch
+STAND_IN_NAMES = {"phi3": "Phi-3", "phi4": "Phi-4-mini"}
 CHAT_HOW_TO = """
 To chat with the model in your browser, in two terminals:
   . .venv/bin/activate
@@ -65,9 +70,19 @@ def prepare_data(split: str) -> bool:
     return True
 
 
-def fine_tune(model_name: str | None) -> None:
+def fine_tune(model_name: str | None, stand_in: str) -> None:
+    """Step 2; without `model_name`, on the tiny stand-in `stand_in` (setup_ml.py --local builds the Phi-3 one)."""
     command = [sys.executable, "setup_ml.py", "--local"]
-    run("Step 2: fine-tune (setup_ml.py --local)", command + (["--model-name", model_name] if model_name else []))
+    if not model_name and stand_in != "phi3":
+        from stand_ins.tiny_phi3 import TINY_TRAINING_FLAGS
+
+        tiny = importlib.import_module(STAND_INS[stand_in])
+        if not (tiny.TINY_MODEL_DIR / "config.json").exists():
+            tiny.build(tiny.TINY_MODEL_DIR)
+        command += ["--model-name", tiny.TINY_MODEL_DIR, "--", *TINY_TRAINING_FLAGS]
+    elif model_name:
+        command += ["--model-name", model_name]
+    run("Step 2: fine-tune (setup_ml.py --local)", command)
 
 
 def start_endpoint(port: int, model_dir: Path | None = None, form: str = "int4") -> processes.Server:
@@ -97,11 +112,12 @@ def serve_and_ask(port: int, keep_endpoint: bool, question: str = QUESTION, mode
     return answer, endpoint
 
 
-def what_the_table_shows(sample_chats: bool) -> str:
+def what_the_table_shows(sample_chats: bool, stand_in: str = "phi3") -> str:
     """The caption of make local's step-5 table: what it proves, and what it does not."""
     shared = (" The sample chats' test questions repeat the same facts as the training ones, word for word (both "
               "splits share them)," if sample_chats else " The model was trained until it repeats its training chats,")
-    return ("What this shows: a tiny Phi-3 fine-tuned here against its untrained base, whose weights are random."
+    return (f"What this shows: a tiny {STAND_IN_NAMES[stand_in]} fine-tuned here against its untrained base, whose "
+            "weights are random."
             + shared + " so the table proves that the steps work together, not that fine-tuning helps; "
             "docs/evaluation.md shows a real comparison.")
 
@@ -115,7 +131,7 @@ def what_the_loss_shows(sample_chats: bool) -> str:
 
 
 def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True, form: str = "int4",
-                      fine_tuned: Path | None = None) -> None:
+                      fine_tuned: Path | None = None, stand_in: str = "phi3") -> None:
     """Step 5 while the endpoint of `form` is live (.env points at it): the fine-tuned model against its base,
     served in the same form; first, with `fine_tuned` (its MLflow model folder), the test loss of each
     conversation under both."""
@@ -130,7 +146,7 @@ def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True
     # Greedy decoding: the tiny model's best answers, and the same table every run.
     command = [sys.executable, "evaluate_chat.py", "--questions", str(questions), "--temperature", "0",
                "--form", form, "--baseline", str(base_model), "--fresh", "--out", OUTPUTS / "evaluations",
-               "--caption", what_the_table_shows(sample_chats)]
+               "--caption", what_the_table_shows(sample_chats, stand_in)]
     try:
         run("Step 5: evaluate the chat's answers against the base model's", command)
     except subprocess.CalledProcessError as e:
@@ -140,8 +156,11 @@ def evaluate_the_chat(base_model: str, questions: int, sample_chats: bool = True
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model-name", help="model to fine-tune (Hub id or folder); default: a tiny Phi-3 built on the spot"
+        "--model-name", help="model to fine-tune (Hub id or folder); default: the tiny --model built on the spot"
     )
+    parser.add_argument("--model", choices=STAND_INS, default="phi3",
+                        help="without --model-name, the tiny model built on the spot: phi3 (Phi-3.5-mini's shape) or "
+                             "phi4 (Phi-4-mini's); make local MODEL=phi4 (default: phi3)")
     parser.add_argument("--split", default="train_sft[:10]", help="split to take from the Hub (default: the tutorial's CPU tip)")
     parser.add_argument("--port", type=int, default=5001, help="port of the local endpoint (default: 5001)")
     parser.add_argument("--keep-endpoint", action="store_true",
@@ -154,7 +173,7 @@ def main(argv=None):
 
     try:
         sample_chats = prepare_data(args.split)
-        fine_tune(args.model_name)
+        fine_tune(args.model_name, args.model)
     except subprocess.CalledProcessError as e:
         sys.exit(f"local pipeline: step failed with exit code {e.returncode}: {shlex.join(map(str, e.cmd))}")
     print("\nThe fine-tuned MLflow model is the newest outputs/models/<run>/model, its int4 form .../model-int4")
@@ -163,9 +182,8 @@ def main(argv=None):
     try:
         print(f"\nQ: {QUESTION}\nA (int4, Agent Framework): {ask_the_agent(QUESTION, OUTPUTS)}")
         if args.eval_questions:
-            from stand_ins.tiny_phi3 import TINY_MODEL_DIR  # the base setup_ml.py --local fine-tunes by default
-
-            evaluate_the_chat(args.model_name or TINY_MODEL_DIR, args.eval_questions, sample_chats,
+            base = args.model_name or importlib.import_module(STAND_INS[args.model]).TINY_MODEL_DIR  # step 2's base
+            evaluate_the_chat(base, args.eval_questions, sample_chats, stand_in=args.model,
                               fine_tuned=local_endpoint.latest_local_model())
     finally:
         if not args.keep_endpoint:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import requests
 
-from chat.endpoint_client import phi3_prompt  # noqa: F401  (the chat's prompt of a question and its history)
+from chat.endpoint_client import chat_input  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
 from finetuning_dir.chat_data import PREDICT_PARAMS
 from local import pf_home

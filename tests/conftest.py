@@ -243,8 +243,8 @@ def tracking_uri_of(model_dir: Path) -> str:
 
 
 # The files that take longest, started first: the workers then end together, on the short files.
-LONGEST_FIRST = ("test_requirements.py", "test_fine_tune.py", "test_benchmarks.py", "test_endpoint.py",
-                 "test_evaluate_chat_baseline.py", "test_setup_ml.py")
+LONGEST_FIRST = ("test_requirements.py", "test_fine_tune.py", "test_phi4.py", "test_benchmarks.py",
+                 "test_endpoint.py", "test_evaluate_chat_baseline.py", "test_setup_ml.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -17,8 +17,8 @@ import requests
 
 import integrate_with_promptflow as flow
 from chat_fixtures import (  # noqa: F401
-    AGENT_PYTHON, ANSWER, QUESTION, AgentServer, agent_server, chat_turn, endpoint, eventually, flow_answer,
-    free_port, pf_flow_test, phi3_prompt, quiet_pf_home, stand_in,
+    AGENT_PYTHON, ANSWER, QUESTION, AgentServer, agent_server, chat_input, chat_turn, endpoint, eventually,
+    flow_answer, free_port, pf_flow_test, quiet_pf_home, stand_in,
 )
 from conftest import ROOT, options_without_help, run_main
 
@@ -34,7 +34,7 @@ def test_the_api_answers_with_openai_and_keeps_the_conversation(agent_server, en
     assert follow_up.output_text == FOLLOW_UP_ANSWER
     # The conversation reached the model as the first turn before the follow-up; outside it, the follow-up went
     # alone (what the tiny model says to it alone depends on how far its training generalised).
-    assert endpoint.greedy_answer(phi3_prompt(FOLLOW_UP, [(QUESTION, ANSWER)])) == FOLLOW_UP_ANSWER
+    assert endpoint.greedy_answer(chat_input(FOLLOW_UP, [(QUESTION, ANSWER)])) == FOLLOW_UP_ANSWER
     assert agent_server.ask(FOLLOW_UP).output_text == endpoint.greedy_answer(FOLLOW_UP)
 
 
@@ -82,7 +82,9 @@ def test_the_same_conversation_sends_the_endpoint_the_same_requests_as_the_flow(
     assert len(by_agent) == 2 and len(by_messages) == 1
     assert [r["body"] for r in by_agent] == [r["body"] for r in by_flow]
     assert by_messages[0]["body"] == by_flow[1]["body"]
-    assert by_agent[1]["body"]["input_data"] == [f"{QUESTION}<|end|>\n<|assistant|>\n{ANSWER}<|end|>\n<|user|>\n{FOLLOW_UP}"]
+    assert by_agent[1]["body"]["input_data"] == [[{"role": "user", "content": QUESTION},
+                                                  {"role": "assistant", "content": ANSWER},
+                                                  {"role": "user", "content": FOLLOW_UP}]]
     for agent_request, flow_request in zip(by_agent, by_flow):
         for header in ("Authorization", "Content-Type"):
             assert agent_request["headers"][header] == flow_request["headers"][header]

@@ -17,7 +17,7 @@ import yaml
 
 from chat_fixtures import (  # noqa: F401
     ANSWER, PF, QUESTION, ROOT, FlowServer, chat_turn, endpoint, flow_answer, flow_server, free_port, pf_flow_test,
-    phi3_prompt, port_is_open, quiet_pf_home, stand_in,
+    chat_input, port_is_open, quiet_pf_home, stand_in,
 )
 from conftest import one_line_naming
 
@@ -127,17 +127,17 @@ def test_a_env_file_in_the_flow_folder_does_not_shadow_the_settings(endpoint, qu
 
 
 def test_chat_history_reaches_the_model(flow_server, endpoint):
-    # The flow's answer is the model's own answer to the follow-up after its first turn, in the Phi-3 format:
+    # The flow's answer is the model's own answer to the follow-up after its first turn, in the model's own format:
     # what the tiny model learned to say there. Whether it says the same to the follow-up alone depends on how
     # far its training generalised, so alone it must give its own answer to the bare follow-up.
     response = flow_server.ask(FOLLOW_UP, [chat_turn(QUESTION, ANSWER)])
     assert response.status_code == 200
     assert response.json() == {"answer": "Yes, that is right."}
-    assert endpoint.greedy_answer(phi3_prompt(FOLLOW_UP, [(QUESTION, ANSWER)])) == "Yes, that is right."
+    assert endpoint.greedy_answer(chat_input(FOLLOW_UP, [(QUESTION, ANSWER)])) == "Yes, that is right."
     assert flow_server.ask(FOLLOW_UP, []).json() == {"answer": endpoint.greedy_answer(FOLLOW_UP)}
 
 
-def test_chat_history_is_sent_in_the_phi3_format(stand_in, quiet_pf_home, tmp_path):
+def test_chat_history_is_sent_as_messages(stand_in, quiet_pf_home, tmp_path):
     recorder = stand_in((200, ["Sure."], {}))
     history = [chat_turn("What is Phi-3?", "A small model."), chat_turn("Who made it?", "Microsoft.")]
     env = stand_in_env(recorder.url, quiet_pf_home, tmp_path)
@@ -146,11 +146,11 @@ def test_chat_history_is_sent_in_the_phi3_format(stand_in, quiet_pf_home, tmp_pa
     (request,) = recorder.requests
     assert request["headers"]["Authorization"] == "Bearer stand-in-key"
     assert request["body"] == {
-        "input_data": [
-            "What is Phi-3?<|end|>\n<|assistant|>\nA small model.<|end|>\n<|user|>\n"
-            "Who made it?<|end|>\n<|assistant|>\nMicrosoft.<|end|>\n<|user|>\n"
-            "Can you say that in one word?"
-        ],
+        "input_data": [[
+            {"role": "user", "content": "What is Phi-3?"}, {"role": "assistant", "content": "A small model."},
+            {"role": "user", "content": "Who made it?"}, {"role": "assistant", "content": "Microsoft."},
+            {"role": "user", "content": "Can you say that in one word?"},
+        ]],
         "params": {"temperature": 0.7, "max_new_tokens": 128, "do_sample": True, "return_full_text": False},
     }
 

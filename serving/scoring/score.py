@@ -6,7 +6,11 @@ way, so the local endpoint (`deploy_model.py --local`) behaves as the managed en
 
     {"input_data": ["Who founded Microsoft?", ...], "params": {"max_new_tokens": 64, ...}}
 
-and a JSON list of strings back, one per question. As in Azure's script, `run()` is declared with
+and a JSON list of strings back, one per question. A question may also be a whole chat, a list of
+{"role", "content"} messages ending with the user's, as Azure's chat-completion models take one: it
+is rendered with the model's own chat template (in its MLmodel metadata, which fine_tune.py writes
+and the int4 form carries on), so that a follow-up reaches any model in the format it was trained
+on (docs/models.md). As in Azure's script, `run()` is declared with
 inference-schema's decorators: azmlinfsrv itself parses the body and answers 415 for a content
 type other than JSON and 400 (with its own messages) for a body that is not JSON or not an object,
 or has no input_data; input_data is a list and params an object with the model signature's params;
@@ -35,6 +39,8 @@ import os
 import time
 from pathlib import Path
 
+import jinja2.ext
+import jinja2.sandbox
 import mlflow
 from azureml_inference_server_http.api.aml_response import AMLResponse
 from inference_schema.parameter_types.abstract_parameter_type import AbstractParameterType
@@ -49,6 +55,7 @@ from batching import Batcher  # azmlinfsrv puts this folder (AML_APP_ROOT) on sy
 logger = logging.getLogger("azmlinfsrv.score")
 
 USAGE = 'send {"input_data": ["your question"], "params": {"max_new_tokens": 128}}'
+ROLES = ("system", "user", "assistant")
 
 
 def find_mlflow_model(root: Path) -> Path:
@@ -90,7 +97,9 @@ class Checked(AbstractParameterType):
 # As Azure's script does, the declared types come from the model's signature, read when azmlinfsrv
 # imports this file; the weights are loaded later, in init().
 MODEL_DIR = find_mlflow_model(os.environ["AZUREML_MODEL_DIR"])
-PARAM_DEFAULTS = {p.name: p.default for p in Model.load(str(MODEL_DIR)).signature.params.params}
+MODEL_META = Model.load(str(MODEL_DIR))
+PARAM_DEFAULTS = {p.name: p.default for p in MODEL_META.signature.params.params}
+CHAT = MODEL_META.metadata or {}  # prompt_template, and fine_tune.py's chat_template, bos_token, eos_token
 
 # azmlinfsrv's own setting (its default: an hour); deploy_model.py and the local endpoint set the deployment's limit.
 TIMEOUT_MS = int(os.environ.get("SCORING_TIMEOUT_MS", 3_600_000))
@@ -108,6 +117,34 @@ def init():
     logger.info("Loaded %s (params: %s)", MODEL_DIR, ", ".join(PARAM_DEFAULTS))
 
 
+def chat_problem(chat) -> str | None:
+    """Why `chat` is not a list of messages this model can take, or None."""
+    if "chat_template" not in CHAT:
+        return "this model has no chat template in its MLmodel metadata (saved by an older fine_tune.py): send one question"
+    for message in chat:
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            return f"each message must be {{'role': one of {', '.join(ROLES)}, 'content': text}}, got {str(message)[:60]!r}"
+    if not chat or chat[-1]["role"] != "user" or not chat[-1]["content"].strip():
+        return "a chat must end with the user's question"
+    return None
+
+
+def chat_text(chat: list) -> str:
+    """The chat as the text the model's prompt template completes: rendered with the model's own chat template, as
+    transformers' apply_chat_template renders it (after an empty system message, as fine_tune.py trains), less what
+    the prompt template (the same template around one question) puts before and after that question."""
+    if chat[0]["role"] != "system":
+        chat = [{"role": "system", "content": ""}, *chat]
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                               extensions=[jinja2.ext.loopcontrols])
+    rendered = environment.from_string(CHAT["chat_template"]).render(
+        messages=chat, add_generation_prompt=True, bos_token=CHAT.get("bos_token"), eos_token=CHAT.get("eos_token"))
+    before, after = (part.replace("{{", "{").replace("}}", "}") for part in CHAT["prompt_template"].split("{prompt}"))
+    if not (rendered.startswith(before) and rendered.endswith(after)):
+        raise ValueError("the model's chat template and prompt template disagree")
+    return rendered[len(before):len(rendered) - len(after)]
+
+
 def problem_with(input_data, params) -> str | None:
     """Why the request cannot be answered (a 400), or None."""
     for name, value in (("input_data", input_data), ("params", params)):
@@ -116,7 +153,9 @@ def problem_with(input_data, params) -> str | None:
     if not input_data:
         return "'input_data' is empty; send at least one question"
     for i, text in enumerate(input_data):
-        if not isinstance(text, str) or not text.strip():
+        if isinstance(text, list) and chat_problem(text):
+            return f"input_data[{i}]: {chat_problem(text)}"
+        if not isinstance(text, (str, list)) or not text or isinstance(text, str) and not text.strip():
             return f"input_data[{i}] must be a question (a non-empty string), got {str(text)[:60]!r}"
     params = params or {}
     # Values the model would fail on deep inside generation, refused here.
@@ -141,7 +180,11 @@ def run(input_data, params=None):
     if problem:
         return bad_request(problem)
     try:
-        answers = batcher.ask(input_data, params, TIMEOUT_MS / 1000 - (time.monotonic() - started))
+        texts = [chat_text(text) if isinstance(text, list) else text for text in input_data]
+    except (ValueError, jinja2.TemplateError) as e:
+        return bad_request(f"the chat cannot be rendered with the model's chat template ({e})")
+    try:
+        answers = batcher.ask(texts, params, TIMEOUT_MS / 1000 - (time.monotonic() - started))
     except MlflowException as e:  # MLflow's own check of the params against the signature
         return bad_request(e.message.splitlines()[0])
     except TimeoutError:
