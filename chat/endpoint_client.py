@@ -23,6 +23,7 @@ It needs requests and python-dotenv only (no promptflow), so both chats' environ
 """
 
 import logging
+from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -127,13 +128,24 @@ def endpoint_settings(temperature: float | None = None, max_new_tokens: int | No
     return url, key, timeout, params
 
 
-def chat_input(question: str, turns: list[tuple[str, str]] = ()) -> str | list[dict]:
+def chat_input(question: str, turns: list[tuple[str, str]] = (), text_only: bool = False) -> str | list[dict]:
     """What the chat sends as its input_data: the question alone, or after the earlier (question, answer) turns the
-    whole chat as messages, which the endpoint renders with the model's own template (serving/scoring/score.py)."""
+    whole chat as messages, which the endpoint renders with the model's own template (serving/scoring/score.py).
+    `text_only`: for a scoring script that takes one text (takes_text_only), the turns in Phi-3's tags inside it,
+    between the `<|user|>` and `<|end|>` its prompt template adds."""
     if not turns:
         return question
+    if text_only:
+        return "".join(f"{q}<|end|>\n<|assistant|>\n{a}<|end|>\n<|user|>\n" for q, a in turns) + question
     earlier = [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
     return [*earlier, {"role": "user", "content": question}]
+
+
+def takes_text_only(url: str) -> bool:
+    """Whether `url` is Azure's own scoring script for MLflow models, the transformers form deployed without code
+    (deploy_model.py records the form): it takes one text a question, not a chat's messages."""
+    local = urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return not local and config.current_setting("AZURE_ML_ENDPOINT_FORM") == "transformers"
 
 
 class RetryUnlessTimedOut(Retry):
@@ -242,4 +254,4 @@ def ask(question: str, turns: list[tuple[str, str]] = (), temperature: float | N
     if not question or not question.strip():
         raise EndpointError("The question is empty: type a question for the model")
     url, key, timeout, params = endpoint_settings(temperature, max_new_tokens)
-    return query_azml_endpoint(chat_input(question.strip(), turns), url, key, timeout, params)
+    return query_azml_endpoint(chat_input(question.strip(), turns, takes_text_only(url)), url, key, timeout, params)

@@ -155,6 +155,21 @@ def test_chat_history_is_sent_as_messages(stand_in, quiet_pf_home, tmp_path):
     }
 
 
+def test_azures_own_mlflow_scoring_gets_the_history_as_one_text(monkeypatch):
+    """The transformers form deployed without code is served by Azure's scoring script, which takes one text a
+    question: there the earlier turns go inside it, in the tutorial model's tags; everywhere else, as messages."""
+    from chat.endpoint_client import chat_input, takes_text_only
+
+    azure, local = "https://finetune-phi.eastus2.inference.ml.azure.com/score", "http://127.0.0.1:5001/score"
+    monkeypatch.setenv("AZURE_ML_ENDPOINT_FORM", "transformers")
+    assert takes_text_only(azure) and not takes_text_only(local)
+    monkeypatch.setenv("AZURE_ML_ENDPOINT_FORM", "int4")
+    assert not takes_text_only(azure)
+    assert chat_input("Q2", [("Q1", "A1")], text_only=True) == "Q1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2"
+    assert chat_input("Q2", [("Q1", "A1")])[-1] == {"role": "user", "content": "Q2"}
+    assert chat_input("Q1", text_only=True) == chat_input("Q1") == "Q1"
+
+
 def test_endpoint_down_fails_with_a_clear_message(ask, backoff):
     from integrate_with_promptflow import EndpointError
 
