@@ -252,11 +252,11 @@ def evaluate_chat(args) -> Path:
 def quiet_the_tools() -> None:
     """promptflow (imported with the flow's code, and by azure-ai-evaluation) reports telemetry from its home unless
     told not to, and its batch engine logs every row: both are quieted, unless the learner chose a home."""
-    from local import pf_home
+    from chat import pf_home
 
     if "PF_HOME_DIRECTORY" not in os.environ:
         pf_home.use(OUTPUTS / "promptflow")
-    os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")  # see local/pf_home.py
+    os.environ.setdefault("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true")  # see chat/pf_home.py
     os.environ.setdefault("PF_LOGGING_LEVEL", "WARNING")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("chat.endpoint_client").setLevel(logging.WARNING)

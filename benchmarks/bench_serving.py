@@ -53,7 +53,7 @@ from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 import fine_tune as ft  # noqa: E402  (finetuning_dir/fine_tune.py)
 from serving.forms import FORMS, PROBE_PERIOD_S, worker_threads  # noqa: E402
 from int4_model import Int4ChatModel, cpu_threads  # noqa: E402
-from local import pf_home  # noqa: E402
+from chat import pf_home  # noqa: E402
 from serving import REQUEST_TIMEOUT_MS, processes  # noqa: E402
 from stand_ins import tiny_phi3  # noqa: E402
 

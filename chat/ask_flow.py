@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from config import ROOT
-from local import pf_home
+from chat import pf_home
 
 OUTPUTS = ROOT / "outputs"
 

@@ -3,7 +3,7 @@
 Every server runs as the learner would start it (a subprocess of the project's own command) on a
 free port, and is stopped, with every process it started (azmlinfsrv runs in a process group of
 its own), when its fixture ends, also when the test failed.
-Prompt flow's home is a quiet project-local folder (local/pf_home.py): no telemetry, no trace
+Prompt flow's home is a quiet project-local folder (chat/pf_home.py): no telemetry, no trace
 service, nothing left running.
 """
 
@@ -26,7 +26,7 @@ import requests
 from chat.endpoint_client import chat_input  # noqa: F401  (the chat's prompt of a question and its history)
 from conftest import ROOT
 from finetuning_dir.chat_data import PREDICT_PARAMS
-from local import pf_home
+from chat import pf_home
 from chat.ask_agent import AGENT_PYTHON  # noqa: F401  (.venv-agent's interpreter, as make local finds it)
 from serving import processes
 from serving.processes import free_port  # noqa: F401  (the tests' free ports)

@@ -64,7 +64,7 @@ def pytest_configure(config):
         HF_HOME=str(scratch / "hf"),
         PF_HOME_DIRECTORY=str(scratch / "promptflow"),
         MLFLOW_DISABLE_TELEMETRY="true",
-        APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED="true",  # before promptflow is imported: see local/pf_home.py
+        APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED="true",  # before promptflow is imported: see chat/pf_home.py
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
