@@ -1,6 +1,5 @@
 """The questions, the run folder, and the answers: asked as the chat asks, kept as they arrive."""
 
-import io
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from chat.endpoint_client import EndpointError
 from chat_evaluation import EvaluationStopped
 from finetuning_dir.chat_data import ChatDataError, check_jsonl_file, read_questions
+from serving.processes import LogLines
 
 # Seconds an answer of MEASURED_TOKENS new tokens takes, by form, on 2 vCPUs (BENCHMARKS.md section 8, the
 # Phi-3.5-mini-sized model): int4 answers the 6 it admits together in 43.4 s, transformers (bf16) one in 72.1 s.
@@ -145,21 +145,6 @@ def ask(endpoint: ChatUnderTest, question: str, timeout: float) -> str:
     if endpoint.through is not None:
         return endpoint.through(question)
     return query_azml_endpoint(chat_input(question), endpoint.url, endpoint.key, timeout, endpoint.params)
-
-
-class LogLines(io.TextIOBase):
-    """Where tqdm writes when the output is not a terminal (a log file, a pipe): each refresh on a line of its
-    own, instead of over the last one with a carriage return."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        return len(text)
 
 
 def progress_bar(name: str, total: int, done: int) -> tqdm:

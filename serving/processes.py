@@ -68,8 +68,9 @@ def log_tail(log: Path | None, lines: int = 40) -> str:
     return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
 
 
-class _LogLines:
-    """tqdm's stream when stderr is a file: each refresh on a line of its own, not over the last one with \\r."""
+class LogLines:
+    """tqdm's stream when the output is a file (a log, a pipe): each refresh on a line of its own, not over the
+    last one with \\r."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -88,7 +89,7 @@ def waiting_bar(desc: str | None) -> tqdm:
     (`desc` None: none)."""
     terminal = sys.stderr.isatty()
     return tqdm(desc=desc, disable=desc is None, bar_format="{desc}: {elapsed} waited",
-                file=sys.stderr if terminal else _LogLines(sys.stderr), mininterval=0.5 if terminal else LOG_EVERY_S)
+                file=sys.stderr if terminal else LogLines(sys.stderr), mininterval=0.5 if terminal else LOG_EVERY_S)
 
 
 def wait_until_live(process: subprocess.Popen, url: str, timeout: float = 600, log: Path | None = None,
