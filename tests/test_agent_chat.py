@@ -314,7 +314,9 @@ def test_uvloop_is_pinned_for_the_platforms_it_supports_and_make_rebuilds_the_en
     assert not uvloop.marker.evaluate({"sys_platform": "win32"})
     assert uvloop.marker.evaluate({"sys_platform": "linux", "platform_python_implementation": "CPython"})
     # A change of chat/requirements-agent.txt builds .venv-agent anew, so no package of older pins stays.
-    plan = subprocess.run(["make", "-n", "-W", "chat/requirements-agent.txt", ".venv-agent/.installed"], cwd=ROOT,
+    # --no-print-directory: under `make test`, a nested make would open with "Entering directory".
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "-W", "chat/requirements-agent.txt",
+                           ".venv-agent/.installed"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout.splitlines()
     assert plan[0] == "rm -rf .venv-agent" and plan[1].endswith("-m venv .venv-agent")
     assert ".venv-agent/bin/python -m pip install --quiet -r chat/requirements-agent.txt" in plan
