@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from evaluation_fixtures import Recording, StaticCredential, make_certificate, resolve_to_stand_in
+from evaluation_fixtures import Recording, StaticCredential, make_certificate, read_request, resolve_to_stand_in
 
 TOKEN = "stand-in-arm-token"
 ACCOUNT_KEY = "c3RhbmQtaW4tYWNjb3VudC1rZXk="  # the storage account's key, base64 as Azure's (listSecrets)
@@ -496,13 +496,7 @@ def raw_and_delete(base, recording):
 
     class Handler(base):
         def handle_any(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw) if raw else None
-            except ValueError:
-                body = raw.decode("utf-8", errors="replace")
-            request = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+            request = read_request(self)
             recording.requests.append(request)
             status, answer, headers = recording.answer(request)
             if isinstance(answer, Text):

@@ -23,6 +23,17 @@ PROJECT_PATH = "/api/projects/finetune-phi"
 STUDIO_URL = "https://ai.azure.com/resource/build/evaluation/stand-in-run"
 
 
+def read_request(handler: BaseHTTPRequestHandler) -> dict:
+    """The request a stand-in's handler received: method, path, headers and its body (JSON, else text)."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    raw = handler.rfile.read(length) if length else b""
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = raw.decode("utf-8", errors="replace")
+    return {"method": handler.command, "path": handler.path, "headers": dict(handler.headers), "body": body}
+
+
 class Recording:
     """A server on 127.0.0.1 that answers each request with `reply(request)` and records it.
 
@@ -36,13 +47,7 @@ class Recording:
             protocol_version = "HTTP/1.1"  # keep-alive, as the services
 
             def handle_any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode("utf-8", errors="replace")
-                request = {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                request = read_request(self)
                 recording.requests.append(request)
                 send_json(self, *reply(request))
 
